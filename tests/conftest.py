@@ -1,0 +1,26 @@
+"""Shared fixtures.
+
+Real-data tests read ../shared/data in place. On a user's fresh clone that folder may be absent and the tests skip;
+CI sets CONNECTOME_REQUIRE_DATA=1, which turns the skip into a failure so real-data tests are never silently skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CONNECTOME_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CONNECTOME_REQUIRE_DATA") == "1":
+            pytest.fail(f"shared data folder {SHARED_DATA} is required (CONNECTOME_REQUIRE_DATA=1) but missing")
+        pytest.skip(f"shared data folder {SHARED_DATA} not present")
+    return SHARED_DATA
