@@ -16,7 +16,11 @@ from storage.errors import ConnectomeError
 
 # name -> module under pipeline.commands (keep sorted)
 COMMANDS: dict[str, str] = {
+    "import": "import_volume",
     "import-ffn": "import_ffn",
+    "info": "info",
+    "query": "query",
+    "train": "train",
 }
 
 

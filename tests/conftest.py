@@ -24,3 +24,19 @@ def shared_data() -> Path:
             pytest.fail(f"shared data folder {SHARED_DATA} is required (CONNECTOME_REQUIRE_DATA=1) but missing")
         pytest.skip(f"shared data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (initdb/pg_ctl in a temp dir); skips when PostgreSQL is absent,
+    fails instead when CONNECTOME_REQUIRE_POSTGRES=1. Use ``postgres_server.new_database()`` for a fresh URL."""
+    from pg_server import PostgresServer
+
+    try:
+        server = PostgresServer().start()
+    except FileNotFoundError as exc:
+        if os.environ.get("CONNECTOME_REQUIRE_POSTGRES") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    yield server
+    server.stop()

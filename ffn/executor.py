@@ -1,0 +1,134 @@
+"""Run many canvases against one model: every round, the FOVs all floods need are batched into model calls.
+
+Why: on an accelerator one FFN step is far too small to fill the device, and canvases (blocks, or parallel
+floods in one block) are independent between steps, so stacking their FOVs is what makes a GPU pay off. On a
+CPU batching gains little; there the speed comes from the forward pass itself (``Forward``: plain ``tf.nn``
+convolutions in one ``tf.function`` per batch size, no XLA, optional bfloat16).
+
+Determinism: canvases are polled and their floods served in a fixed order, and a canvas's result depends only
+on its own floods' logits, so the labels do not depend on how canvases are grouped into batches.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from ffn.canvas import Canvas  # noqa: E402
+from ffn.model import FFNConfig, get_conv_weights  # noqa: E402
+from storage.errors import ConfigError  # noqa: E402
+
+ForwardFn = Callable[[np.ndarray], np.ndarray]  # (n, z, y, x, 2) float32 -> (n, z, y, x) float32 logits
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def configure_threads(intra: int | None = None, inter: int | None = 1) -> None:
+    """Set TF's thread pools if TF has not started them yet (it ignores changes afterwards)."""
+    import tensorflow as tf
+
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(int(intra))
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(int(inter))
+    except RuntimeError:
+        pass  # already initialised: keep what is there
+
+
+class Forward:
+    """The convstack_3d forward pass from a Keras model's weights, as ``tf.nn`` ops.
+
+    Same arithmetic as the Keras model (the test checks they agree), without Keras's per-call overhead, with
+    a traced function per batch size (fixed input signature, ``jit_compile=False``). ``precision="bfloat16"``
+    runs the convolutions in bf16 (oneDNN AVX512-BF16 / GPU tensor cores), accumulating the residual stream
+    in bf16 as Keras mixed precision would; the seed addition stays float32.
+    """
+
+    def __init__(self, model, config: FFNConfig, precision: str = "float32"):
+        import tensorflow as tf
+
+        if precision not in PRECISIONS:
+            raise ConfigError(f"FFN precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.config = config
+        self.precision = precision
+        dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+        self._tf = tf
+        self._dtype = dtype
+        self._w = {name: (tf.constant(k, dtype), tf.constant(b, dtype))
+                   for name, (k, b) in get_conv_weights(model).items()}
+        self._fns: dict[int, Callable] = {}
+        self.calls = 0
+        self.fovs = 0
+        self.seconds = 0.0
+
+    def _build(self, n: int):
+        tf, w, depth, dtype = self._tf, self._w, self.config.depth, self._dtype
+
+        def conv(x, name, relu):
+            k, b = w[name]
+            y = tf.nn.bias_add(tf.nn.conv3d(x, k, strides=[1, 1, 1, 1, 1], padding="SAME"), b)
+            return tf.nn.relu(y) if relu else y
+
+        spec = tf.TensorSpec((n, *self.config.fov_size, 2), tf.float32)
+
+        @tf.function(input_signature=[spec], jit_compile=False, reduce_retracing=False)
+        def fn(inp):
+            x = tf.cast(inp, dtype)
+            x = conv(conv(x, "conv0_a", True), "conv0_b", False)
+            for i in range(1, depth):
+                y = conv(conv(tf.nn.relu(x), f"conv{i}_a", True), f"conv{i}_b", False)
+                x = x + y
+            update = conv(tf.nn.relu(x), "conv_lom", False)
+            return inp[..., 1] + tf.cast(update[..., 0], tf.float32)
+
+        return fn
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = int(x.shape[0])
+        fn = self._fns.get(n)
+        if fn is None:
+            fn = self._fns[n] = self._build(n)
+        t = time.perf_counter()
+        y = fn(x).numpy()
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+        self.fovs += n
+        return y
+
+
+def run_canvases(canvases: Sequence[Canvas], forward: ForwardFn, batch_size: int = 1,
+                 progress: Callable[[dict], None] | None = None) -> dict:
+    """Drive all canvases to completion; returns counts and timings."""
+    if batch_size < 1:
+        raise ConfigError(f"FFN batch_size must be >= 1, got {batch_size}")
+    if not canvases:
+        return {"steps": 0, "model_calls": 0, "model_seconds": 0.0, "seconds": 0.0}
+    fov = tuple(canvases[0].fov)
+    buf = np.empty((batch_size, *fov, 2), dtype=np.float32)
+    calls = steps = 0
+    model_s = 0.0
+    t0 = time.perf_counter()
+    while True:
+        work = [(c, f) for c in canvases for f in c.pending()]
+        if not work:
+            break
+        for i in range(0, len(work), batch_size):
+            chunk = work[i:i + batch_size]
+            for j, (c, f) in enumerate(chunk):
+                c.fov_input(f, buf[j])
+            tm = time.perf_counter()
+            logits = forward(buf[: len(chunk)])
+            model_s += time.perf_counter() - tm
+            calls += 1
+            for j, (c, f) in enumerate(chunk):
+                c.apply(f, logits[j])
+            steps += len(chunk)
+        if progress is not None:
+            progress({"steps": steps, "segments": sum(c.counters["segments"] for c in canvases)})
+    return {"steps": steps, "model_calls": calls, "model_seconds": model_s, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,114 @@
+"""Whole-volume FFN inference: the entry points the segmentation stage calls.
+
+``segment_volume(image, model, config)`` -> (uint64 labels 1..n, stats). ``segment_volumes`` does the same for
+several volumes (e.g. the blocks a worker holds) sharing one batched executor. ``consensus_segment`` runs the
+seeds forward and backward and splits by intersection (the reference's FFN consensus).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ffn.canvas import Canvas, InferenceOptions, Restrictor
+from ffn.executor import Forward, ForwardFn, run_canvases
+from ffn.model import FFNConfig
+from ffn.seeds import make_seed_policy
+from storage.errors import ConfigError
+
+OPTION_NAMES = ("init_activation", "pad_value", "move_threshold", "segment_threshold", "min_segment_size",
+                "min_boundary_dist")
+
+
+def resolve_forward(model, config: FFNConfig | None, precision: str = "float32") -> tuple[ForwardFn, FFNConfig]:
+    """A model folder/name, a Keras model (+config), a ``Forward``, or any callable (+config) -> forward, config."""
+    if isinstance(model, (str, os.PathLike)):
+        from ffn.model import load_model
+
+        keras_model, config = load_model(model)
+        return Forward(keras_model, config, precision), config
+    if config is None:
+        raise ConfigError("segment_volume: pass the FFNConfig with a model object")
+    if isinstance(model, Forward) or not hasattr(model, "layers"):
+        return model, config
+    return Forward(model, config, precision), config
+
+
+def _stats(canvas: Canvas, run: dict) -> dict[str, Any]:
+    s = dict(canvas.counters)
+    s.update(origins={i: (o.start_zyx, o.steps) for i, o in canvas.origins.items()})
+    s["seconds"] = run["seconds"]
+    return s
+
+
+def segment_volumes(images: Sequence[np.ndarray], model, config: FFNConfig | None = None, *,
+                    restrictors: Sequence[Restrictor | np.ndarray | None] | None = None, batch_size: int = 1,
+                    floods_per_canvas: int = 1, seed_policy="peaks", precision: str = "float32",
+                    progress: Callable[[dict], None] | None = None, **options) -> list[tuple[np.ndarray, dict]]:
+    """Segment several volumes with one executor; each result equals running that volume alone."""
+    forward, config = resolve_forward(model, config, precision)
+    opts = InferenceOptions.from_config(config, **{k: options.pop(k) for k in list(options) if k in OPTION_NAMES})
+    if options:
+        raise ConfigError(f"segment_volume: unknown option(s) {sorted(options)}")
+    restrictors = list(restrictors) if restrictors is not None else [None] * len(images)
+    canvases = [Canvas(img, config, opts, restrictor=r, seed_policy=seed_policy, max_floods=floods_per_canvas)
+                for img, r in zip(images, restrictors)]
+    run = run_canvases(canvases, forward, batch_size, progress)
+    results = []
+    for c in canvases:
+        s = _stats(c, run)
+        s.update(model_calls=run["model_calls"], model_seconds=run["model_seconds"], batch_size=batch_size)
+        results.append((c.labels(), s))
+    return results
+
+
+def segment_volume(image: np.ndarray, model, config: FFNConfig | None = None, *,
+                   restrictor: Restrictor | np.ndarray | None = None, batch_size: int = 1,
+                   floods: int | None = None, seed_policy="peaks", precision: str = "float32",
+                   progress: Callable[[dict], None] | None = None, **options) -> tuple[np.ndarray, dict]:
+    """Flood-fill one ZYX volume -> (uint64 labels, 1..n in creation order, 0 = background; stats).
+
+    ``floods`` objects are grown at once to fill a batch (default: ``batch_size``); ``floods=1`` is the
+    sequential reference algorithm. Results are deterministic for a given seed order and ``floods``.
+    ``options`` override the model's inference defaults (thresholds, min_segment_size, min_boundary_dist ZYX).
+    """
+    floods = batch_size if floods is None else floods
+    ((labels, stats),) = segment_volumes([image], model, config, restrictors=[restrictor], batch_size=batch_size,
+                                         floods_per_canvas=floods, seed_policy=seed_policy, precision=precision,
+                                         progress=progress, **options)
+    return labels, stats
+
+
+def split_by_intersection(a: np.ndarray, b: np.ndarray, min_size: int = 0) -> np.ndarray:
+    """One id per (a, b) pair of non-zero labels; pieces smaller than ``min_size`` become 0.
+
+    Ids are dense 1..n ordered by (a, b), so the result is deterministic.
+    """
+    if a.shape != b.shape:
+        raise ConfigError(f"split_by_intersection: shapes differ {a.shape} vs {b.shape}")
+    fg = (a > 0) & (b > 0)
+    pairs = np.stack([a[fg].astype(np.uint64), b[fg].astype(np.uint64)], axis=1)
+    out = np.zeros(a.shape, dtype=np.uint64)
+    if len(pairs) == 0:
+        return out
+    uniq, inverse, counts = np.unique(pairs, axis=0, return_inverse=True, return_counts=True)
+    keep = counts >= max(min_size, 1)
+    new_ids = np.zeros(len(uniq), dtype=np.uint64)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint64)
+    out[fg] = new_ids[inverse.ravel()]
+    return out
+
+
+def consensus_segment(image: np.ndarray, model, config: FFNConfig | None = None, *, split_min_size: int = 1000,
+                      seed_policy="peaks", **kwargs) -> tuple[np.ndarray, dict]:
+    """Forward and reverse seed order, split by intersection: keeps only what both runs agree is one object."""
+    forward, config = resolve_forward(model, config, kwargs.pop("precision", "float32"))
+    fwd, s1 = segment_volume(image, forward, config, seed_policy=make_seed_policy(seed_policy), **kwargs)
+    rev, s2 = segment_volume(image, forward, config, seed_policy=make_seed_policy(seed_policy, reverse=True), **kwargs)
+    labels = split_by_intersection(fwd, rev, split_min_size)
+    stats = {"steps": s1["steps"] + s2["steps"], "segments": int(labels.max()),
+             "forward": {"steps": s1["steps"], "segments": s1["segments"]},
+             "reverse": {"steps": s2["steps"], "segments": s2["segments"]}}
+    return labels, stats

@@ -1,0 +1,240 @@
+"""Whole-volume segmentation: segment -> reconcile -> (agglomerate) -> relabel -> pyramid, on Dask.
+
+The driver holds only ids and small per-block metadata; voxels move between workers and storage only. Every stage
+goes through the runner's ledger, so a killed driver resumes where it stopped, and the lookup tables are written
+atomically before the stage that needs them starts.
+
+Run directory layout (OUT):
+  OUT/fragments          precomputed uint64, block-unique FFN fragments (the supervoxels proofreading splits by)
+  OUT/segmentation       precomputed uint64, compressed_segmentation, sharded, with a downsampled pyramid
+  OUT/reconcile.parquet  fragment -> segment after reconciliation (before agglomeration)
+  OUT/lookup.parquet     fragment -> final segment id (what relabel applied; also stored as the store's id_map)
+  OUT/work/              per-block side files and ledgers
+  OUT/connectome.duckdb  segments and id_map rows (the store)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.stages.agglomerate import AgglomerationParams, agglomerated_lookup, edges_block, merge_decisions
+from pipeline.stages.reconcile import build_lookup, reconcile_block
+from pipeline.stages.relabel import combine_statistics, relabel_block
+from pipeline.stages.segment import segment_block
+from storage.box import BlockGrid, label_stride
+from storage.errors import ConfigError
+from storage.volume import create_volume, open_volume
+
+
+@dataclass
+class SegmentConfig:
+    """What `connectome segment` needs.
+
+    Shapes (block_shape, overlap, chunk_shape) are Z Y X, as numpy prints a shape and as the CLI flags take them
+    (`--block-shape Z Y X`); voxel sizes elsewhere are X Y Z as Neuroglancer shows them.
+    """
+
+    input: str = ""
+    output: str = ""
+    model: str = "synthetic_small"
+    block_shape: tuple[int, int, int] = (64, 128, 128)
+    overlap: tuple[int, int, int] = (16, 16, 16)
+    gpu: bool = False
+    inference: dict = field(default_factory=dict)
+    min_overlap_voxels: int = 50
+    min_overlap_fraction: float = 0.5
+    agglomerate: bool = True
+    agglomeration: AgglomerationParams = field(default_factory=AgglomerationParams)
+    pyramid_levels: int = 2
+    chunk_shape: tuple[int, int, int] = (64, 64, 64)
+    fill_missing: bool = False
+    restart: bool = False
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("segment config: field 'input' is required (a volume URL or path)")
+        if not self.output:
+            raise ConfigError("segment config: field 'output' is required (a run directory)")
+        for name in ("block_shape", "chunk_shape"):
+            v = getattr(self, name)
+            if len(v) != 3 or any(int(x) <= 0 for x in v):
+                raise ConfigError(f"segment config: field '{name}' must be 3 positive integers (ZYX), got {list(v)}")
+        if len(self.overlap) != 3 or any(int(x) < 0 for x in self.overlap):
+            raise ConfigError(f"segment config: field 'overlap' must be 3 non-negative integers (ZYX), got {list(self.overlap)}")
+        bad = [b for b, c in zip(self.block_shape, self.chunk_shape) if b % c]
+        if bad:
+            raise ConfigError(f"segment config: block_shape {list(self.block_shape)} must be a multiple of "
+                              f"chunk_shape {list(self.chunk_shape)}")
+        if not 0 < self.min_overlap_fraction <= 1:
+            raise ConfigError(f"segment config: field 'min_overlap_fraction' must be in (0, 1], got {self.min_overlap_fraction}")
+
+
+def _zyx(shape) -> tuple[int, int, int]:
+    return tuple(int(v) for v in shape)  # type: ignore[return-value]
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.parquet")
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageTimer:
+    seconds: dict = field(default_factory=dict)
+
+    def run(self, name, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) -> dict:
+    """Segment `config.input` into `config.output`; returns a summary (stage times, counts)."""
+    from ffn.model import load_model, resolve_model
+    from pipeline.runner import run_blockwise
+
+    config.validate()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    (work / "segment").mkdir(parents=True, exist_ok=True)
+    ledgers = work / "ledgers"
+
+    source = open_volume(config.input, fill_missing=config.fill_missing)
+    if np.dtype(source.dtype) != np.uint8:
+        raise ConfigError(f"segment: input {config.input} has dtype {source.dtype}; FFN models take uint8 EM")
+    model_dir = str(resolve_model(config.model))
+    _, ffn_config = load_model(model_dir)
+
+    block_zyx = _zyx(config.block_shape)
+    overlap_zyx = _zyx(config.overlap)
+    chunk_zyx = _zyx(config.chunk_shape)
+    grid = BlockGrid(source.bounds, block_zyx, overlap_zyx, chunk_zyx)
+    stride = label_stride(block_zyx, overlap_zyx)
+    resources = {"GPU": 1} if config.gpu else None
+
+    common = dict(shape_zyx=source.shape, voxel_size_xyz_nm=source.voxel_size, voxel_offset_xyz=source.voxel_offset,
+                  dtype="uint64", kind="segmentation")
+    fragments = _open_or_create(out / "fragments", chunk_zyx, None, common)
+    segmentation = _open_or_create(out / "segmentation", chunk_zyx, block_zyx, common)
+
+    timer = StageTimer()
+    seg_results = timer.run("segment", run_blockwise, "segment", grid, segment_block, params=dict(
+        input_spec=source.spec, fragments_spec=fragments.spec, work_dir=str(work / "segment"), model_dir=model_dir,
+        stride=stride, inference=dict(config.inference), fill_missing=config.fill_missing,
+    ), client=client, ledger_dir=ledgers, resources=resources, restart=config.restart, progress=progress)
+
+    rec_results = timer.run("reconcile", run_blockwise, "reconcile", grid, reconcile_block, params=dict(
+        grid_json=grid.to_json(), work_dir=str(work / "segment"), stride=stride,
+        min_voxels=config.min_overlap_voxels, min_fraction=config.min_overlap_fraction,
+    ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
+
+    t0 = time.perf_counter()
+    fragment_ids = np.unique(np.concatenate(
+        [np.asarray(r["fragments"], dtype=np.uint64) for r in seg_results.values()] + [np.zeros(0, np.uint64)]))
+    equivalences = np.concatenate(
+        [np.asarray(r["equivalences"], dtype=np.uint64).reshape(-1, 2) for r in rec_results.values()]
+        + [np.zeros((0, 2), np.uint64)])
+    lookup = build_lookup(fragment_ids, equivalences)
+    write_parquet_atomic(lookup, out / "reconcile.parquet")
+    timer.seconds["reconcile"] += time.perf_counter() - t0
+
+    merges = 0
+    if config.agglomerate:
+        agg_grid = BlockGrid(source.bounds, block_zyx, (config.agglomeration.expand_voxels + 1,) * 3, chunk_zyx)
+        edge_results = timer.run("agglomerate", run_blockwise, "agglomerate", agg_grid, edges_block, params=dict(
+            fragments_spec=fragments.spec, image_spec=source.spec, lookup_path=str(out / "reconcile.parquet"),
+            expand_voxels=config.agglomeration.expand_voxels, fill_missing=config.fill_missing,
+        ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
+        edges = pd.concat([pd.DataFrame(r["edges"]) for r in edge_results.values()], ignore_index=True) \
+            if edge_results else pd.DataFrame()
+        decisions = merge_decisions(edges, config.agglomeration) if len(edges) else pd.DataFrame(columns=["a", "b"])
+        merges = len(decisions)
+        lookup = agglomerated_lookup(lookup, decisions)
+    write_parquet_atomic(lookup, out / "lookup.parquet")
+
+    rel_results = timer.run("relabel", run_blockwise, "relabel", grid, relabel_block, params=dict(
+        fragments_spec=fragments.spec, output_spec=segmentation.spec, lookup_path=str(out / "lookup.parquet"),
+    ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
+    stats = combine_statistics([pd.DataFrame(r["stats"]) for r in rel_results.values()])
+
+    if config.pyramid_levels > 0:
+        timer.run("pyramid", _build_pyramid, segmentation, config, client, ledgers, progress)
+
+    t0 = time.perf_counter()
+    _write_store(out, stats, lookup, seg_results, source.voxel_size)
+    timer.seconds["store"] = time.perf_counter() - t0
+
+    summary = {
+        "blocks": grid.num_blocks,
+        "fragments": int(len(fragment_ids)),
+        "equivalences": int(len(equivalences)),
+        "merges": int(merges),
+        "segments": int(len(stats)),
+        "steps": int(sum(r.get("steps", 0) for r in seg_results.values())),
+        "voxels": int(np.prod(source.shape)),
+        "stage_seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+        "segmentation": str(out / "segmentation"),
+    }
+    (out / "segment_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _open_or_create(path: Path, chunk_zyx, shard_zyx, common: dict):
+    """Outputs are created once on the driver (workers only write chunks) and reused on resume."""
+    url = f"precomputed://{path}"
+    if (path / "info").exists():
+        return open_volume(url, mode="r+")
+    return create_volume(url, chunk_shape_zyx=chunk_zyx, shard_shape_zyx=shard_zyx, **common)
+
+
+def _build_pyramid(segmentation, config: SegmentConfig, client, ledgers: Path, progress: bool) -> None:
+    from storage.pyramid import add_pyramid
+
+    add_pyramid(segmentation, levels=config.pyramid_levels, client=client, ledger_dir=ledgers, progress=progress)
+
+
+def _write_store(out: Path, stats: pd.DataFrame, lookup: pd.DataFrame, seg_results: dict, voxel_size_xyz) -> None:
+    """segments rows (nm, XYZ) and the fragment -> segment id map, as one committed store version."""
+    from storage.store import ConnectomeStore
+
+    vx, vy, vz = (float(v) for v in voxel_size_xyz)
+    n = stats["voxel_count"].to_numpy(np.float64)
+    segments = pd.DataFrame({
+        "segment_id": stats["segment_id"].astype(np.int64),
+        "voxel_count": stats["voxel_count"].astype(np.int64),
+        "bbox_min_x_nm": (stats["min_x"] * vx).astype(np.int32),
+        "bbox_min_y_nm": (stats["min_y"] * vy).astype(np.int32),
+        "bbox_min_z_nm": (stats["min_z"] * vz).astype(np.int32),
+        "bbox_max_x_nm": (stats["max_x"] * vx).astype(np.int32),
+        "bbox_max_y_nm": (stats["max_y"] * vy).astype(np.int32),
+        "bbox_max_z_nm": (stats["max_z"] * vz).astype(np.int32),
+        "centroid_x_nm": np.round((stats["sum_x"] / n + 0.5) * vx).astype(np.int32),
+        "centroid_y_nm": np.round((stats["sum_y"] / n + 0.5) * vy).astype(np.int32),
+        "centroid_z_nm": np.round((stats["sum_z"] / n + 0.5) * vz).astype(np.int32),
+    })
+    sizes = {}
+    for r in seg_results.values():
+        sizes.update(zip(r["write_ids"], r["write_sizes"]))
+    id_map = pd.DataFrame({
+        "fragment_id": lookup["fragment_id"].astype(np.int64),
+        "segment_id": lookup["segment_id"].astype(np.int64),
+        "voxel_count": [int(sizes.get(int(f), 0)) for f in lookup["fragment_id"]],
+    })
+    id_map = id_map[id_map["voxel_count"] > 0]
+    store_path = out / "connectome.duckdb"
+    store = ConnectomeStore.open(str(store_path)) if store_path.exists() else ConnectomeStore.create(str(store_path))
+    with store.loading("segment") as version:
+        store.write_segments(segments, version=version)
+        store.write_id_map(id_map, version=version)

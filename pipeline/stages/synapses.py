@@ -1,0 +1,226 @@
+"""synapses: blockwise cleft detection, components, partner assignment, then duplicate merging on the driver.
+
+A block predicts over its read box (write box + the network's receptive-field halo + the largest cleft we expect),
+labels cleft components with cc3d and keeps a component only if its centroid lies in the block's write box, so a
+cleft is reported by exactly one block. Partners come from the segmentation around the cleft: the segment holding
+the most presynaptic probability within `partner_radius` of the cleft is pre, the one with the most postsynaptic
+probability (other than pre) is post. Detections that end up closer than `merge_distance_nm` with the same
+partners are merged on the driver (a cleft split into two components is one synapse). Autapses and partner 0 are
+kept in the table but marked invalid, so the valid view excludes them without losing evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cc3d
+import numpy as np
+import pandas as pd
+import scipy.ndimage as ndi
+
+from storage.box import Block
+from storage.volume import open_volume
+
+_MODEL_CACHE: dict = {}
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    threshold: float = 0.5
+    min_size: int = 20
+    partner_radius_nm: float = 80.0
+    merge_distance_nm: float = 150.0
+
+
+def _model(model_dir: str):
+    if model_dir not in _MODEL_CACHE:
+        from pipeline.synapse_model import load_model
+
+        _MODEL_CACHE[model_dir] = load_model(model_dir)
+    return _MODEL_CACHE[model_dir]
+
+
+def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.ndarray,
+                    voxel_size_zyx: tuple[float, float, float], radius_nm: float) -> pd.DataFrame:
+    """One row per component: centroid (voxels, zyx), size, score, pre/post segment ids and positions."""
+    rows = []
+    objects = ndi.find_objects(components)
+    pad = [int(np.ceil(radius_nm / v)) for v in voxel_size_zyx]
+    for label, sl in enumerate(objects, start=1):
+        if sl is None:
+            continue
+        outer = tuple(slice(max(0, s.start - p), min(dim, s.stop + p))
+                      for s, p, dim in zip(sl, pad, components.shape))
+        comp = components[outer] == label
+        dist = ndi.distance_transform_edt(~comp, sampling=voxel_size_zyx)
+        near = dist <= radius_nm
+        seg = segmentation[outer]
+        pre_p, post_p, cleft_p = probs[1][outer], probs[2][outer], probs[0][outer]
+        cand = near & (seg != 0)
+        pre_id = post_id = 0
+        if cand.any():
+            ids, inv = np.unique(seg[cand], return_inverse=True)
+            pre_sum = np.bincount(inv, weights=pre_p[cand], minlength=len(ids))
+            post_sum = np.bincount(inv, weights=post_p[cand], minlength=len(ids))
+            pre_idx = int(np.argmax(pre_sum))
+            pre_id = int(ids[pre_idx])
+            post_sum[pre_idx] = -1.0
+            if len(ids) > 1:
+                post_id = int(ids[int(np.argmax(post_sum))])
+        coords = np.argwhere(comp) + [s.start for s in outer]
+        centroid = coords.mean(axis=0)
+
+        def side_centroid(seg_id, weight):
+            mask = cand & (seg == seg_id)
+            if seg_id == 0 or not mask.any():
+                return centroid
+            w = weight[mask] + 1e-6
+            return (np.argwhere(mask) * w[:, None]).sum(0) / w.sum() + [s.start for s in outer]
+
+        rows.append({
+            "z": centroid[0], "y": centroid[1], "x": centroid[2],
+            "size_voxels": int(comp.sum()),
+            "score": float(cleft_p[comp].mean()),
+            "pre_segment_id": pre_id, "post_segment_id": post_id,
+            "pre_zyx": side_centroid(pre_id, pre_p), "post_zyx": side_centroid(post_id, post_p),
+        })
+    return pd.DataFrame(rows)
+
+
+def detect(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, params: DetectionParams) -> pd.DataFrame:
+    """Components of thresholded cleft probability with their partners (whole arrays; no block logic)."""
+    mask = probs[0] >= params.threshold
+    components = cc3d.connected_components(mask, connectivity=26)
+    components = cc3d.dust(components, threshold=params.min_size, connectivity=26)
+    components, _ = _renumber(components)
+    return assign_partners(components, probs, segmentation, voxel_size_zyx, params.partner_radius_nm)
+
+
+def _renumber(labels: np.ndarray):
+    import fastremap
+
+    return fastremap.renumber(labels, in_place=False)
+
+
+def detect_block(block: Block, *, image_spec: dict, segmentation_spec: dict, model_dir: str, params: dict,
+                 fill_missing: bool = False) -> dict:
+    model, config = _model(model_dir)
+    from pipeline.synapse_model import predict
+
+    image_vol = open_volume(image_spec, fill_missing=fill_missing)
+    image = image_vol.read(block.read)
+    segmentation = open_volume(segmentation_spec).read(block.read)
+    probs = predict(model, config, image)
+    voxel_size_zyx = tuple(float(v) for v in reversed(image_vol.voxel_size))
+    df = detect(probs, segmentation, voxel_size_zyx, DetectionParams(**params))
+    if df.empty:
+        return {"rows": {}}
+    origin = np.array(block.read.start)
+    centroid = df[["z", "y", "x"]].to_numpy() + origin
+    inside = np.all((centroid >= block.write.start) & (centroid < block.write.stop), axis=1)
+    df = df[inside].copy()
+    df[["z", "y", "x"]] = centroid[inside]
+    df["pre_zyx"] = [list(np.asarray(p) + origin) for p in df["pre_zyx"]]
+    df["post_zyx"] = [list(np.asarray(p) + origin) for p in df["post_zyx"]]
+    df["block_id"] = block.block_id
+    return {"rows": df.reset_index(drop=True).to_dict(orient="list")}
+
+
+def merge_duplicates(df: pd.DataFrame, voxel_size_zyx, distance_nm: float) -> pd.DataFrame:
+    """Merge detections with the same (pre, post) whose centroids are within distance_nm (largest one kept)."""
+    if df.empty:
+        return df
+    from scipy.spatial import cKDTree
+
+    pos = df[["z", "y", "x"]].to_numpy(float) * np.asarray(voxel_size_zyx, float)
+    pairs = cKDTree(pos).query_pairs(distance_nm, output_type="ndarray")
+    same = (df["pre_segment_id"].to_numpy()[pairs[:, 0]] == df["pre_segment_id"].to_numpy()[pairs[:, 1]]) & (
+        df["post_segment_id"].to_numpy()[pairs[:, 0]] == df["post_segment_id"].to_numpy()[pairs[:, 1]])
+    pairs = pairs[same]
+    import scipy.sparse
+    import scipy.sparse.csgraph
+
+    n = len(df)
+    graph = scipy.sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, comp = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    df = df.assign(_group=comp, _order=np.arange(n))
+    df = df.sort_values(["_group", "size_voxels", "_order"], ascending=[True, False, True])
+    sizes = df.groupby("_group")["size_voxels"].transform("sum")
+    df = df.assign(size_voxels=sizes).drop_duplicates("_group").sort_values("_order")
+    return df.drop(columns=["_group", "_order"]).reset_index(drop=True)
+
+
+def synapse_table(df: pd.DataFrame, voxel_size_xyz) -> pd.DataFrame:
+    """Store rows (XYZ integer nm), sorted by position so synapse ids do not depend on block completion order."""
+    vx, vy, vz = (float(v) for v in voxel_size_xyz)
+    if df.empty:
+        return pd.DataFrame(columns=["synapse_id", "pre_segment_id", "post_segment_id", "x_nm", "y_nm", "z_nm",
+                                     "pre_x_nm", "pre_y_nm", "pre_z_nm", "post_x_nm", "post_y_nm", "post_z_nm",
+                                     "size_voxels", "score", "valid"])
+    df = df.sort_values(["z", "y", "x"]).reset_index(drop=True)
+    pre = np.stack(df["pre_zyx"].to_numpy())
+    post = np.stack(df["post_zyx"].to_numpy())
+
+    def nm(values, v):
+        return np.round((np.asarray(values, float) + 0.5) * v).astype(np.int32)
+
+    out = pd.DataFrame({
+        "synapse_id": np.arange(1, len(df) + 1, dtype=np.int64),
+        "pre_segment_id": df["pre_segment_id"].astype(np.int64),
+        "post_segment_id": df["post_segment_id"].astype(np.int64),
+        "x_nm": nm(df["x"], vx), "y_nm": nm(df["y"], vy), "z_nm": nm(df["z"], vz),
+        "pre_x_nm": nm(pre[:, 2], vx), "pre_y_nm": nm(pre[:, 1], vy), "pre_z_nm": nm(pre[:, 0], vz),
+        "post_x_nm": nm(post[:, 2], vx), "post_y_nm": nm(post[:, 1], vy), "post_z_nm": nm(post[:, 0], vz),
+        "size_voxels": df["size_voxels"].astype(np.int64),
+        "score": df["score"].astype(np.float32),
+    })
+    out["valid"] = (out["pre_segment_id"] != 0) & (out["post_segment_id"] != 0) & (
+        out["pre_segment_id"] != out["post_segment_id"])
+    return out
+
+
+@dataclass
+class SynapseStageConfig:
+    """Shapes are Z Y X voxels. `model` is a packaged synapse model name or a model directory."""
+
+    model: str = "synthetic_synapses"
+    block_shape: tuple[int, int, int] = (64, 128, 128)
+    detection: DetectionParams = DetectionParams()
+    fill_missing: bool = False
+    restart: bool = False
+
+
+def run_synapse_stage(image_url: str, segmentation_url: str, store_path: str, config: SynapseStageConfig, client,
+                      *, ledger_dir: str, progress: bool = True) -> pd.DataFrame:
+    """Detect synapses blockwise, merge duplicates, write one store version; returns the synapse table."""
+    from dataclasses import asdict
+
+    from pipeline.runner import run_blockwise
+    from pipeline.synapse_model import load_model, resolve_model
+    from storage.box import BlockGrid
+    from storage.store import ConnectomeStore
+
+    model_dir = str(resolve_model(config.model))
+    _, model_config = load_model(model_dir)
+    image = open_volume(image_url, fill_missing=config.fill_missing)
+    segmentation = open_volume(segmentation_url)
+    if segmentation.shape != image.shape:
+        raise ValueError(f"segmentation {segmentation_url} shape {segmentation.shape} differs from image "
+                         f"{image_url} shape {image.shape} (zyx)")
+    halo = tuple(h + int(np.ceil(config.detection.partner_radius_nm / v)) + 8
+                 for h, v in zip(model_config.halo_zyx, reversed(image.voxel_size)))
+    grid = BlockGrid(image.bounds, tuple(config.block_shape), halo)
+    results = run_blockwise("synapses", grid, detect_block, params=dict(
+        image_spec=image.spec, segmentation_spec=segmentation.spec, model_dir=model_dir,
+        params=asdict(config.detection), fill_missing=config.fill_missing,
+    ), client=client, ledger_dir=ledger_dir, restart=config.restart, progress=progress)
+    frames = [pd.DataFrame(r["rows"]) for _, r in sorted(results.items()) if r["rows"]]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    voxel_size_zyx = tuple(float(v) for v in reversed(image.voxel_size))
+    df = merge_duplicates(df, voxel_size_zyx, config.detection.merge_distance_nm)
+    table = synapse_table(df, image.voxel_size)
+    store = ConnectomeStore.open(store_path) if Path(store_path).exists() else ConnectomeStore.create(store_path)
+    with store.loading("synapses") as version:
+        store.write_synapses(table, version=version)
+    return table

@@ -1,0 +1,549 @@
+"""The query API: cells, synapses, partners, connectivity matrices — at a version, as pandas.
+
+Why it looks like this (see ../shared/notes/queries.md): CAVE/neuPrint users suffer from silent truncation,
+root-id churn and untyped results. So every call here
+
+- runs at one committed version (``version=``, default the latest) and records it in ``df.attrs['version']``;
+- pages deterministically (``limit`` + ``after=`` cursor on the primary key; ``df.attrs['next_after']`` is the next
+  cursor or None when the answer is complete) and never cuts an answer short without saying so;
+- binds every filter value as a parameter (hostile strings are data) and raises `QueryError` naming unknown ids,
+  cell types, versions or malformed filters;
+- resolves synapse partners through the versioned fragment -> segment map, so a proofreading edit changes the
+  answer at the new version without touching synapse rows.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from storage.errors import ConnectomeError, QueryError
+from storage.store import morton, versions
+from storage.store.backend import open_backend
+from storage.store.sql import Sql
+
+MAX_ID = (1 << 63) - 1
+UNTYPED = "untyped"
+# DuckDB answers "pre_fragment_id = ?" from its ART index but not IN-lists, so up to this many fragments become
+# a UNION ALL of point lookups.
+MAX_POINT_LOOKUPS = 64
+MAX_MATRIX_SEGMENTS = 5000
+
+_ID_COLS = {"segment_id", "synapse_id", "pre_segment_id", "post_segment_id", "pre_fragment_id", "post_fragment_id",
+            "fragment_id", "partner_id", "node_id", "parent_id"}
+_INT_COLS = {"voxel_count", "size_voxels", "n_synapses", "n_cells", "row_index"}
+_FLOAT_COLS = {"score", "confidence", "radius_nm", "compartment_confidence"}
+
+SYNAPSE_COLUMNS = (
+    "synapse_id", "pre_segment_id", "post_segment_id", "pre_cell_type", "post_cell_type",
+    "x_nm", "y_nm", "z_nm", "pre_x_nm", "pre_y_nm", "pre_z_nm", "post_x_nm", "post_y_nm", "post_z_nm",
+    "size_voxels", "score", "valid", "pre_fragment_id", "post_fragment_id",
+)
+CELL_COLUMNS = (
+    "segment_id", "voxel_count", "cell_type", "confidence", "classification_system", "source",
+    "bbox_min_x_nm", "bbox_min_y_nm", "bbox_min_z_nm", "bbox_max_x_nm", "bbox_max_y_nm", "bbox_max_z_nm",
+    "centroid_x_nm", "centroid_y_nm", "centroid_z_nm",
+)
+
+
+def typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Give result columns the same dtypes on every backend (ids uint64, positions int32, scores float32)."""
+    for col in df.columns:
+        s = df[col]
+        has_null = bool(s.isna().any())
+        if col in _ID_COLS:
+            df[col] = s.astype("UInt64" if has_null else "uint64")
+        elif col.endswith("_nm") and col != "radius_nm":
+            df[col] = s.astype("Int32" if has_null else "int32")
+        elif col in _INT_COLS:
+            df[col] = s.astype("Int64" if has_null else "int64")
+        elif col in _FLOAT_COLS:
+            df[col] = s.astype("float32")
+        elif col == "valid":
+            df[col] = s.astype(bool)
+        elif s.dtype == object and col in ("cell_type", "pre_cell_type", "post_cell_type", "source",
+                                           "classification_system", "compartment", "partner_cell_type"):
+            df[col] = s.astype(object).where(s.notna(), None)
+    return df
+
+
+# ---------------------------------------------------------------- argument checks (one clear line each)
+
+def _as_id(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise QueryError(f"{what} must be an integer segment id, got {value!r}")
+    v = int(value)
+    if v < 0 or v > MAX_ID:
+        raise QueryError(f"{what} {v} is out of range (ids are 0 < id < 2**63)")
+    return v
+
+
+def _as_ids(value, what: str) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        raise QueryError(f"{what} must be an integer id or a list of them, got {value!r}")
+    if isinstance(value, (numbers.Integral, np.integer)):
+        return [_as_id(value, what)]
+    try:
+        items = list(value)
+    except TypeError:
+        raise QueryError(f"{what} must be an integer id or a list of them, got {value!r}") from None
+    if not items:
+        raise QueryError(f"{what} is an empty list")
+    return sorted({_as_id(v, what) for v in items})
+
+
+def _as_number(value, what: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)) or value != value:
+        raise QueryError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _as_texts(value, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise QueryError(f"{what} must be a string or a list of strings, got {value!r}") from None
+    if not items or not all(isinstance(v, str) for v in items):
+        raise QueryError(f"{what} must be a string or a non-empty list of strings, got {value!r}")
+    return sorted(set(items))
+
+
+def _as_limit(limit) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (numbers.Integral, np.integer)) or int(limit) <= 0:
+        raise QueryError(f"limit must be a positive integer, got {limit!r}")
+    return int(limit)
+
+
+def _as_bbox(bbox) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    try:
+        lo, hi = bbox
+        lo = tuple(int(_as_number(v, "bbox")) for v in lo)
+        hi = tuple(int(_as_number(v, "bbox")) for v in hi)
+    except (TypeError, ValueError):
+        raise QueryError(f"bbox must be ((x0, y0, z0), (x1, y1, z1)) in nm, got {bbox!r}") from None
+    if len(lo) != 3 or len(hi) != 3:
+        raise QueryError(f"bbox must be ((x0, y0, z0), (x1, y1, z1)) in nm, got {bbox!r}")
+    if any(h <= l for l, h in zip(lo, hi)):
+        raise QueryError(f"bbox {bbox!r} is empty: each stop must exceed its start (XYZ nm, stop exclusive)")
+    return lo, hi
+
+
+def _finish(df: pd.DataFrame, version: int, limit: int | None, key: str | None) -> pd.DataFrame:
+    next_after = None
+    if limit is not None and len(df) > limit:
+        df = df.iloc[:limit].copy()
+        next_after = int(df[key].iloc[-1])
+    df = typed(df.reset_index(drop=True))
+    df.attrs["version"] = int(version)
+    df.attrs["next_after"] = next_after
+    df.attrs["complete"] = next_after is None
+    return df
+
+
+class Connectome:
+    """A connectome store opened for queries (and proofreading edits when writable).
+
+    ``Connectome.open(path_or_url)`` accepts a DuckDB file path, a ``postgresql://`` URL or a Parquet release
+    directory (read-only, no server). Every method takes ``version=`` and returns pandas with
+    ``df.attrs['version']``.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    # ------------------------------------------------------------ lifecycle
+    @classmethod
+    def open(cls, location: str | Path, *, read_only: bool = False, threads: int | None = None) -> "Connectome":
+        backend = open_backend(location, read_only=read_only, threads=threads)
+        try:
+            meta = backend.query("SELECT value FROM store_meta WHERE key = 'schema_version'")
+        except Exception:
+            backend.close()
+            raise ConnectomeError(f"connectome store {location}: not a connectome store (no store_meta table)") from None
+        if meta.empty:
+            backend.close()
+            raise ConnectomeError(f"connectome store {location}: not a connectome store (no schema version)")
+        return cls(backend)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def location(self) -> str:
+        return self.backend.location
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r}, {self.backend.dialect})"
+
+    # ------------------------------------------------------------ versions
+    def versions(self) -> pd.DataFrame:
+        """All versions with kind (load/merge/split/undo), status and description."""
+        return versions.table(self.backend)
+
+    @property
+    def version(self) -> int:
+        """The latest committed version (what queries read by default)."""
+        return versions.latest_committed(self.backend)
+
+    def _v(self, version) -> int:
+        return versions.resolve(self.backend, version)
+
+    # ------------------------------------------------------------ helpers
+    def _system(self, v: int, system: str | None) -> str | None:
+        q = Sql(self.backend.dialect)
+        df = self.backend.query(
+            f"SELECT DISTINCT classification_system AS s FROM cell_types c WHERE {q.visible('c', v)} ORDER BY s",
+            q.params)
+        systems = list(df["s"])
+        if system is not None:
+            if not isinstance(system, str):
+                raise QueryError(f"classification_system must be a string, got {system!r}")
+            if system not in systems:
+                raise QueryError(f"unknown classification_system {system!r} at version {v} (known: {systems})")
+            return system
+        if not systems:
+            return None
+        if len(systems) == 1:
+            return systems[0]
+        if "default" in systems:
+            return "default"
+        raise QueryError(f"several classification systems at version {v} ({systems}); pass classification_system=")
+
+    def _ctes(self, q: Sql, v: int, system: str | None) -> str:
+        """Common table expressions: m = fragment -> segment, ct = segment -> cell type, at version v."""
+        ct_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else ""
+        return (
+            f"m AS (SELECT i.fragment_id, i.segment_id FROM id_map i WHERE {q.visible('i', v)}), "
+            f"ct AS (SELECT c.segment_id, c.cell_type, c.confidence FROM cell_types c "
+            f"WHERE {q.visible('c', v)}{ct_filter})"
+        )
+
+    def _check_segments(self, v: int, ids: list[int], what: str) -> None:
+        if not ids:
+            return
+        q = Sql(self.backend.dialect)
+        df = self.backend.query(
+            f"SELECT s.segment_id FROM segments s WHERE {q.visible('s', v)} AND {q.in_list('s.segment_id', ids)} "
+            f"UNION SELECT i.segment_id FROM id_map i WHERE {q.visible('i', v)} AND {q.in_list('i.segment_id', ids)}",
+            q.params)
+        missing = sorted(set(ids) - {int(x) for x in df["segment_id"]})
+        if missing:
+            shown = missing[:10] + (["..."] if len(missing) > 10 else [])
+            raise QueryError(f"unknown {what} segment id(s) at version {v}: {shown}")
+
+    def _check_types(self, v: int, types: list[str], system: str | None, what: str) -> None:
+        if not types:
+            return
+        known = set(self.cell_type_counts(version=v, classification_system=system)["cell_type"])
+        missing = [t for t in types if t not in known]
+        if missing:
+            raise QueryError(f"unknown {what} {missing!r} at version {v} (known: {sorted(known)})")
+
+    def _fragments(self, v: int, ids: list[int]) -> list[int]:
+        q = Sql(self.backend.dialect)
+        df = self.backend.query(
+            f"SELECT i.fragment_id FROM id_map i WHERE {q.visible('i', v)} AND {q.in_list('i.segment_id', ids)} "
+            f"ORDER BY i.fragment_id", q.params)
+        return [int(x) for x in df["fragment_id"]]
+
+    # ------------------------------------------------------------ cells
+    def cells(self, cell_type: str | Iterable[str] | None = None, min_voxels: float | None = None,
+              ids: int | Iterable[int] | None = None, *, classification_system: str | None = None,
+              version=None, limit: int | None = None, after: int | None = None) -> pd.DataFrame:
+        """Segments at a version with their cell type (one classification system), ordered by segment_id.
+
+        Columns: segment_id, voxel_count, cell_type, confidence, classification_system, source, bbox_*_nm,
+        centroid_*_nm. Unknown ``ids`` or ``cell_type`` raise QueryError.
+        """
+        v = self._v(version)
+        types = _as_texts(cell_type, "cell_type")
+        id_list = _as_ids(ids, "ids")
+        limit = _as_limit(limit)
+        system = self._system(v, classification_system)
+        self._check_types(v, types, system, "cell type")
+        self._check_segments(v, id_list, "ids")
+        q = Sql(self.backend.dialect)
+        sys_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else ""
+        where = [q.visible("s", v)]
+        if types:
+            where.append(q.in_list("c.cell_type", types))
+        if min_voxels is not None:
+            where.append(f"s.voxel_count >= {q.p(_as_number(min_voxels, 'min_voxels'))}")
+        if id_list:
+            where.append(q.in_list("s.segment_id", id_list))
+        if after is not None:
+            where.append(f"s.segment_id > {q.p(_as_id(after, 'after'))}")
+        sql = (
+            "SELECT s.segment_id, s.voxel_count, c.cell_type, c.confidence, c.classification_system, c.source, "
+            "s.bbox_min_x_nm, s.bbox_min_y_nm, s.bbox_min_z_nm, s.bbox_max_x_nm, s.bbox_max_y_nm, s.bbox_max_z_nm, "
+            "s.centroid_x_nm, s.centroid_y_nm, s.centroid_z_nm "
+            f"FROM segments s LEFT JOIN cell_types c ON c.segment_id = s.segment_id AND {q.visible('c', v)}{sys_filter} "
+            f"WHERE {' AND '.join(where)} ORDER BY s.segment_id"
+        )
+        if limit is not None:
+            sql += f" LIMIT {q.p(limit + 1)}"
+        return _finish(self.backend.query(sql, q.params), v, limit, "segment_id")
+
+    def cell_type_counts(self, *, classification_system: str | None = None, version=None) -> pd.DataFrame:
+        """Number of cells per cell type (columns cell_type, n_cells), most common first."""
+        v = self._v(version)
+        system = self._system(v, classification_system)
+        q = Sql(self.backend.dialect)
+        sys_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else ""
+        df = self.backend.query(
+            f"SELECT c.cell_type, count(*) AS n_cells FROM cell_types c WHERE {q.visible('c', v)}{sys_filter} "
+            "GROUP BY c.cell_type ORDER BY n_cells DESC, c.cell_type", q.params)
+        return _finish(df, v, None, None)
+
+    # ------------------------------------------------------------ synapses
+    def _synapse_select(self, q: Sql, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
+                        post_types: list[str], bbox, min_score, valid_only: bool, system: str | None,
+                        after: int | None) -> str:
+        """SQL (WITH ... SELECT, no ORDER BY) of the synapses matching the filters, partners resolved at v."""
+        push = [q.visible("s", v)]
+        if bbox is not None:
+            lo, hi = bbox
+            ranges = morton.box_ranges(lo, hi)
+            if not ranges:
+                push.append("FALSE")
+            else:
+                push.append("(" + " OR ".join(f"s.morton BETWEEN {q.p(a)} AND {q.p(b)}" for a, b in ranges) + ")")
+                for axis, a, b in zip("xyz", lo, hi):
+                    push.append(f"s.{axis}_nm >= {q.p(a)} AND s.{axis}_nm < {q.p(b)}")
+        if min_score is not None:
+            push.append(f"s.score >= {q.p(float(min_score))}")
+        if valid_only:
+            push.append("s.valid")
+        if after is not None:
+            push.append(f"s.synapse_id > {q.p(int(after))}")
+        pushed = " AND ".join(push)
+
+        # The most selective side drives the scan: explicit ids use the fragment index.
+        if pre or post:
+            side, ids = ("pre", pre) if pre else ("post", post)
+            frags = self._fragments(v, ids)
+            col = f"s.{side}_fragment_id"
+            if not frags:
+                base = f"SELECT s.* FROM synapses s WHERE FALSE"
+            elif self.backend.dialect == "duckdb" and len(frags) <= MAX_POINT_LOOKUPS:
+                base = " UNION ALL ".join(
+                    f"SELECT s.* FROM synapses s WHERE {col} = {q.p(f)} AND {pushed}" for f in frags)
+            else:
+                base = f"SELECT s.* FROM synapses s WHERE {q.in_list(col, frags)} AND {pushed}"
+        elif pre_types or post_types:
+            side, types = ("pre", pre_types) if pre_types else ("post", post_types)
+            base = (f"SELECT s.* FROM synapses s WHERE s.{side}_fragment_id IN "
+                    f"(SELECT m.fragment_id FROM m JOIN ct ON ct.segment_id = m.segment_id "
+                    f"WHERE {q.in_list('ct.cell_type', types)}) AND {pushed}")
+        else:
+            base = f"SELECT s.* FROM synapses s WHERE {pushed}"
+
+        where = ["TRUE"]
+        if pre:
+            where.append(q.in_list("m1.segment_id", pre))
+        if post:
+            where.append(q.in_list("m2.segment_id", post))
+        if pre_types:
+            where.append(q.in_list("c1.cell_type", pre_types))
+        if post_types:
+            where.append(q.in_list("c2.cell_type", post_types))
+        valid_expr = ("(b.valid AND COALESCE(m1.segment_id, 0) <> 0 AND COALESCE(m2.segment_id, 0) <> 0 "
+                      "AND m1.segment_id <> m2.segment_id)")
+        if valid_only:
+            where.append(valid_expr)
+        return (
+            f"WITH {self._ctes(q, v, system)}, b AS ({base}) "
+            "SELECT b.synapse_id, COALESCE(m1.segment_id, 0) AS pre_segment_id, "
+            "COALESCE(m2.segment_id, 0) AS post_segment_id, c1.cell_type AS pre_cell_type, "
+            "c2.cell_type AS post_cell_type, b.x_nm, b.y_nm, b.z_nm, b.pre_x_nm, b.pre_y_nm, b.pre_z_nm, "
+            f"b.post_x_nm, b.post_y_nm, b.post_z_nm, b.size_voxels, b.score, {valid_expr} AS valid, "
+            "b.pre_fragment_id, b.post_fragment_id "
+            "FROM b LEFT JOIN m m1 ON m1.fragment_id = b.pre_fragment_id "
+            "LEFT JOIN m m2 ON m2.fragment_id = b.post_fragment_id "
+            "LEFT JOIN ct c1 ON c1.segment_id = m1.segment_id LEFT JOIN ct c2 ON c2.segment_id = m2.segment_id "
+            f"WHERE {' AND '.join(where)}"
+        )
+
+    def synapses(self, pre=None, post=None, pre_type=None, post_type=None, bbox=None, min_score=None,
+                 valid_only: bool = True, *, classification_system: str | None = None, version=None,
+                 limit: int | None = None, after: int | None = None) -> pd.DataFrame:
+        """Synapses at a version, ordered by synapse_id, partners resolved through the id map.
+
+        ``pre``/``post``: segment id(s); ``pre_type``/``post_type``: cell type(s); ``bbox``: ((x0,y0,z0),
+        (x1,y1,z1)) nm of the cleft, stop exclusive; ``min_score``; ``valid_only`` drops detector-invalid rows,
+        autapses and partner 0 *at this version*. Columns: see SYNAPSE_COLUMNS.
+        """
+        v = self._v(version)
+        pre_ids, post_ids = _as_ids(pre, "pre"), _as_ids(post, "post")
+        pre_types, post_types = _as_texts(pre_type, "pre_type"), _as_texts(post_type, "post_type")
+        box = _as_bbox(bbox) if bbox is not None else None
+        score = _as_number(min_score, "min_score") if min_score is not None else None
+        limit = _as_limit(limit)
+        cursor = _as_id(after, "after") if after is not None else None
+        system = self._system(v, classification_system) if (pre_types or post_types) else self._system_quiet(v, classification_system)
+        self._check_segments(v, pre_ids, "pre")
+        self._check_segments(v, post_ids, "post")
+        self._check_types(v, pre_types, system, "pre_type")
+        self._check_types(v, post_types, system, "post_type")
+        q = Sql(self.backend.dialect)
+        sql = self._synapse_select(q, v, pre=pre_ids, post=post_ids, pre_types=pre_types, post_types=post_types,
+                                   bbox=box, min_score=score, valid_only=bool(valid_only), system=system,
+                                   after=cursor)
+        sql += " ORDER BY b.synapse_id"
+        if limit is not None:
+            sql += f" LIMIT {q.p(limit + 1)}"
+        return _finish(self.backend.query(sql, q.params), v, limit, "synapse_id")
+
+    def _system_quiet(self, v: int, system: str | None) -> str | None:
+        """Like _system, but several systems without a choice just means 'no type columns filter' -> default."""
+        try:
+            return self._system(v, system)
+        except QueryError:
+            if system is not None:
+                raise
+            return None
+
+    def partners(self, segment_id, direction: str = "out", min_synapses: int = 1, *, valid_only: bool = True,
+                 classification_system: str | None = None, version=None) -> pd.DataFrame:
+        """Synaptic partners of one segment: direction 'out' = its postsynaptic targets, 'in' = its inputs.
+
+        Columns: partner_id, n_synapses, partner_cell_type; strongest first, ties by partner_id.
+        """
+        v = self._v(version)
+        seg = _as_id(segment_id, "segment_id")
+        if direction not in ("out", "in"):
+            raise QueryError(f"direction must be 'out' or 'in', got {direction!r}")
+        n_min = int(_as_number(min_synapses, "min_synapses"))
+        system = self._system_quiet(v, classification_system)
+        self._check_segments(v, [seg], "segment_id")
+        q = Sql(self.backend.dialect)
+        kw = dict(pre=[seg], post=[]) if direction == "out" else dict(pre=[], post=[seg])
+        inner = self._synapse_select(q, v, pre_types=[], post_types=[], bbox=None, min_score=None,
+                                     valid_only=bool(valid_only), system=system, after=None, **kw)
+        partner, ptype = ("post_segment_id", "post_cell_type") if direction == "out" else ("pre_segment_id", "pre_cell_type")
+        sql = (f"SELECT x.{partner} AS partner_id, count(*) AS n_synapses, min(x.{ptype}) AS partner_cell_type "
+               f"FROM ({inner}) x GROUP BY x.{partner} HAVING count(*) >= {q.p(n_min)} "
+               "ORDER BY n_synapses DESC, partner_id")
+        return _finish(self.backend.query(sql, q.params), v, None, None)
+
+    # ------------------------------------------------------------ connectivity
+    def connectivity(self, group_by: str = "cell_type", normalize: str | None = None, min_synapses: int = 1, *,
+                     ids=None, valid_only: bool = True, classification_system: str | None = None,
+                     version=None) -> pd.DataFrame:
+        """Connectivity matrix: rows = presynaptic group, columns = postsynaptic group, values = synapse counts.
+
+        ``group_by``: 'cell_type' (segments without a type form the group 'untyped') or 'segment' (then restrict
+        with ``ids=`` if more than 5000 segments take part). ``min_synapses``: a segment pair counts only with at
+        least this many synapses (Codex convention: 5). ``normalize='post_total'`` divides each column by the
+        post group's total input within the matrix.
+        """
+        v = self._v(version)
+        if group_by not in ("cell_type", "segment"):
+            raise QueryError(f"group_by must be 'cell_type' or 'segment', got {group_by!r}")
+        if normalize not in (None, "post_total"):
+            raise QueryError(f"normalize must be None or 'post_total', got {normalize!r}")
+        n_min = int(_as_number(min_synapses, "min_synapses"))
+        id_list = _as_ids(ids, "ids")
+        self._check_segments(v, id_list, "ids")
+        system = self._system(v, classification_system) if group_by == "cell_type" else None
+        q = Sql(self.backend.dialect)
+        push = [q.visible("s", v)]
+        if valid_only:
+            push.append("s.valid")
+        where = ["TRUE"]
+        if valid_only:
+            where.append("m1.segment_id <> m2.segment_id")
+        if id_list:
+            where.append(q.in_list("m1.segment_id", id_list))
+            where.append(q.in_list("m2.segment_id", id_list))
+        joins = ("FROM synapses s JOIN mt m1 ON m1.fragment_id = s.pre_fragment_id "
+                 "JOIN mt m2 ON m2.fragment_id = s.post_fragment_id")
+        mt = ("mt AS (SELECT m.fragment_id, m.segment_id, COALESCE(ct.cell_type, "
+              f"{q.p(UNTYPED)}) AS cell_type FROM m LEFT JOIN ct ON ct.segment_id = m.segment_id)")
+        cond = f"WHERE {' AND '.join(push + where)}"
+        if group_by == "segment":
+            sql = (f"WITH {self._ctes(q, v, system)}, {mt} SELECT m1.segment_id AS pre_group, m2.segment_id AS "
+                   f"post_group, count(*) AS n {joins} {cond} GROUP BY 1, 2 HAVING count(*) >= {q.p(n_min)}")
+        elif n_min <= 1:
+            sql = (f"WITH {self._ctes(q, v, system)}, {mt} SELECT m1.cell_type AS pre_group, m2.cell_type AS "
+                   f"post_group, count(*) AS n {joins} {cond} GROUP BY 1, 2")
+        else:
+            sql = (f"WITH {self._ctes(q, v, system)}, {mt}, e AS (SELECT m1.segment_id AS pre, m2.segment_id AS "
+                   f"post, min(m1.cell_type) AS pre_type, min(m2.cell_type) AS post_type, count(*) AS n {joins} "
+                   f"{cond} GROUP BY 1, 2 HAVING count(*) >= {q.p(n_min)}) "
+                   "SELECT pre_type AS pre_group, post_type AS post_group, sum(n) AS n FROM e GROUP BY 1, 2")
+        edges = self.backend.query(sql, q.params)
+        edges["n"] = edges["n"].astype("int64")
+        if group_by == "segment":
+            segs = set(edges["pre_group"]) | set(edges["post_group"])
+            if len(segs) > MAX_MATRIX_SEGMENTS:
+                raise QueryError(f"segment matrix would have {len(segs)} rows/columns (limit {MAX_MATRIX_SEGMENTS}); "
+                                 "pass ids=... or use partners()/synapses() with paging")
+            for col in ("pre_group", "post_group"):
+                edges[col] = edges[col].astype("uint64")
+        matrix = edges.pivot_table(index="pre_group", columns="post_group", values="n", aggfunc="sum", fill_value=0)
+        labels = sorted(set(matrix.index) | set(matrix.columns), key=lambda x: (x == UNTYPED, x))
+        matrix = matrix.reindex(index=labels, columns=labels, fill_value=0).astype("int64")
+        matrix.index.name, matrix.columns.name = "pre", "post"
+        if normalize == "post_total":
+            totals = matrix.sum(axis=0)
+            matrix = matrix.div(totals.where(totals > 0, 1), axis=1).astype("float64")
+        matrix.attrs["version"] = v
+        matrix.attrs["group_by"] = group_by
+        matrix.attrs["normalize"] = normalize
+        matrix.attrs["min_synapses"] = n_min
+        matrix.attrs["next_after"] = None
+        matrix.attrs["complete"] = True
+        return matrix
+
+    # ------------------------------------------------------------ proofreading
+    def merge(self, a, b, *, user: str | None = None):
+        """Merge segments a and b into a new segment at a new version (see edits.py)."""
+        from storage.store import edits
+
+        return edits.merge(self.backend, _as_id(a, "a"), _as_id(b, "b"), user=user)
+
+    def split(self, segment_id, fragments_a, fragments_b, *, user: str | None = None):
+        """Split a segment into two new segments by its fragments (supervoxels) at a new version."""
+        from storage.store import edits
+
+        return edits.split(self.backend, _as_id(segment_id, "segment_id"), _as_ids(fragments_a, "fragments_a"),
+                           _as_ids(fragments_b, "fragments_b"), user=user)
+
+    def undo(self, *, user: str | None = None):
+        """Revert the latest edit not yet undone, as a new version (history is kept)."""
+        from storage.store import edits
+
+        return edits.undo(self.backend, user=user)
+
+    def edits(self) -> pd.DataFrame:
+        """The proofreading log: edit_id, version, kind, user_name, created_at, target_edit_id, details (JSON)."""
+        return self.backend.query("SELECT * FROM edits ORDER BY edit_id")
+
+    def fragments(self, segment_id, *, version=None) -> list[int]:
+        """Fragment (supervoxel) ids of a segment at a version."""
+        v = self._v(version)
+        seg = _as_id(segment_id, "segment_id")
+        self._check_segments(v, [seg], "segment_id")
+        return self._fragments(v, [seg])

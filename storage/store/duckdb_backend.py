@@ -1,0 +1,132 @@
+"""DuckDB backend: one embedded file, the default store.
+
+Why thread-local cursors: a DuckDB connection object is not safe to share between threads, but cursors of one
+database are, and they share MVCC snapshots — so a reader thread keeps seeing committed data while a writer
+thread's batch transaction is open. Writes are serialised by a lock (DuckDB allows one writer process anyway).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from storage.errors import ConnectomeError
+from storage.store import schema
+
+# Point lookups on these columns use DuckDB ART indexes; everything else is a columnar scan with zone maps.
+DUCKDB_INDEXES = (("synapses", "pre_fragment_id"), ("synapses", "post_fragment_id"))
+
+_names = itertools.count()
+
+
+class _DuckTx:
+    def __init__(self, cur: duckdb.DuckDBPyConnection):
+        self.cur = cur
+        self._registered: list[str] = []
+
+    def execute(self, sql: str, params: dict | None = None) -> None:
+        self.cur.execute(sql, params or None)
+
+    def query(self, sql: str, params: dict | None = None) -> pd.DataFrame:
+        return self.cur.execute(sql, params or None).df()
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        name = f"_arrow_{next(_names)}"
+        self.cur.register(name, data)
+        try:
+            cols = ", ".join(data.column_names)
+            self.cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name}")
+        finally:
+            self.cur.unregister(name)
+
+    def stage(self, name: str, like: str, data: pa.Table) -> str:
+        self.cur.register(name, data)
+        self._registered.append(name)
+        return name
+
+    def close(self) -> None:
+        for name in self._registered:
+            try:
+                self.cur.unregister(name)
+            except duckdb.Error:
+                pass
+
+
+class DuckDBBackend:
+    dialect = "duckdb"
+
+    def __init__(self, path: Path | str | None, *, read_only: bool = False, threads: int | None = None):
+        self.location = str(path) if path is not None else ":memory:"
+        self.read_only = read_only
+        config = {"threads": int(threads)} if threads else {}
+        try:
+            self._db = duckdb.connect(self.location, read_only=read_only, config=config)
+        except duckdb.IOException as exc:
+            raise ConnectomeError(f"connectome store {self.location}: cannot open ({str(exc).splitlines()[0]})") from None
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self.parquet_dir: Path | None = None
+
+    @classmethod
+    def over_parquet(cls, directory: Path, threads: int | None = None) -> "DuckDBBackend":
+        """An in-memory database whose tables are views over a Parquet release (read-only)."""
+        from storage.store.parquet_io import create_views
+
+        backend = cls(None, threads=threads)
+        create_views(backend._db, Path(directory))
+        backend.read_only = True
+        backend.parquet_dir = Path(directory)
+        backend.location = str(directory)
+        return backend
+
+    def _cur(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self._db.cursor()
+            self._local.cur = cur
+        return cur
+
+    def query(self, sql: str, params: dict | None = None) -> pd.DataFrame:
+        return self._cur().execute(sql, params or None).df()
+
+    def query_arrow(self, sql: str, params: dict | None = None) -> pa.Table:
+        return self._cur().execute(sql, params or None).to_arrow_table()
+
+    def execute(self, sql: str, params: dict | None = None) -> None:
+        self._cur().execute(sql, params or None)
+
+    @contextmanager
+    def transaction(self):
+        if self.read_only:
+            raise ConnectomeError(f"connectome store {self.location}: opened read-only")
+        with self._write_lock:
+            cur = self._cur()
+            cur.execute("BEGIN TRANSACTION")
+            tx = _DuckTx(cur)
+            try:
+                yield tx
+            except BaseException:
+                tx.close()
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                tx.close()
+                cur.execute("COMMIT")
+
+    def init_schema(self) -> None:
+        for stmt in schema.ddl("duckdb"):
+            self._db.execute(stmt)
+        for table, column in DUCKDB_INDEXES:
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_{column} ON {table} ({column})")
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except duckdb.Error:
+            pass

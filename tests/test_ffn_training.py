@@ -1,0 +1,218 @@
+"""FFN training: partitions, balanced coordinates, augmentation, FOV walks, the loop, checkpoint/resume, CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ffn.model import logit  # noqa: E402
+from ffn.train.augment import AugmentConfig, augment_patch  # noqa: E402
+from ffn.train.coordinates import BalancedSampler  # noqa: E402
+from ffn.train.examples import Example, fixed_shifts, soft_labels, walk  # noqa: E402
+from ffn.train.partitions import EXCLUDED, compute_partitions  # noqa: E402
+
+
+def halves_volume() -> np.ndarray:
+    """20^3: id 1 for x < 10, id 2 for x >= 10, a 1-voxel line of id 3 along z at (y, x) = (15, 15),
+    a 2-voxel speck of id 4 (dust) and a background slab at y = 0..1."""
+    lab = np.ones((20, 20, 20), np.uint64)
+    lab[:, :, 10:] = 2
+    lab[:, 15, 15] = 3
+    lab[10, 5, 3:5] = 4
+    lab[:, 0:2, :] = 0
+    return lab
+
+
+def test_partitions_classes_on_hand_made_volume():
+    lab = halves_volume()
+    part = compute_partitions(lab, lom_radius=(2, 2, 2), thresholds=(0.3, 0.7), min_size=5)
+    assert part.dtype == np.uint8
+    # border of width 2 cannot hold the 5^3 box
+    assert (part[:2] == EXCLUDED).all() and (part[:, :, -2:] == EXCLUDED).all()
+    assert part[10, 10, 4] == 3  # deep inside id 1: fraction 1.0 > 0.7
+    assert part[10, 10, 9] == 2  # last column of id 1: 3 of 5 columns -> 0.6 in [0.3, 0.7)
+    assert part[10, 15, 15] == 1  # thin line: 5 of 125 voxels -> 0.04 < 0.3
+    assert part[10, 5, 3] == part[10, 5, 4] == 0  # dust (2 voxels < min_size) counts as background
+    assert part[10, 5, 6] == 3  # its neighbour of id 1 is unaffected... (dust became 0, not id 1)
+    assert (part[5:15, 0:2, 5:15] == 0).all()  # unlabelled voxels: background class
+    assert part[10, 2, 10] == 2  # labelled voxel next to background: 3 of 5 rows are its id -> 0.6
+    # dust is background (class 0), not a thin object
+    lab2 = np.ones((12, 12, 12), np.uint64)
+    lab2[6, 6, 6] = 9
+    p2 = compute_partitions(lab2, (2, 2, 2), (0.3, 0.7), min_size=2)
+    assert p2[6, 6, 6] == 0
+    p3 = compute_partitions(lab2, (2, 2, 2), (0.3, 0.7), min_size=1)
+    assert p3[6, 6, 6] == 1
+
+
+def test_coordinates_are_class_balanced_and_inside_margin():
+    lab = halves_volume()
+    part = compute_partitions(lab, (2, 2, 2), (0.3, 0.7), min_size=1)
+    second = np.full((16, 16, 16), 3, np.uint8)
+    second[8, 8, 8] = 1  # a single voxel of class 1 in volume 2
+    sampler = BalancedSampler([part, second], margin=(3, 3, 3))
+    counts = sampler.class_counts()
+    assert counts[3] > 100 * counts[1] // 100 and counts[3] > counts[1]  # raw frequencies are very unequal
+    rng = np.random.default_rng(0)
+    drawn = [sampler.sample(rng) for _ in range(4000)]
+    classes = np.array([c for c, _ in drawn])
+    freq = np.bincount(classes, minlength=4)[sampler.classes] / len(drawn)
+    assert np.all(np.abs(freq - 1 / len(sampler.classes)) < 0.03), freq
+    for cls, coord in drawn[:500]:
+        p = [part, second][coord.volume]
+        assert p[coord.center] == cls
+        assert all(3 <= c < n - 3 for c, n in zip(coord.center, p.shape))
+    assert {coord.volume for _, coord in drawn} == {0, 1}
+
+
+@pytest.mark.parametrize("axes", ["zyx", "yx"])
+def test_augmentation_keeps_image_and_labels_together(axes):
+    rng = np.random.default_rng(3)
+    lab = rng.integers(1, 200, size=(7, 9, 9)).repeat(1, 0).astype(np.uint64)
+    lab = np.kron(lab, np.ones((1, 1, 1), np.uint64))
+    if axes == "zyx":
+        lab = rng.integers(1, 200, size=(9, 9, 9)).astype(np.uint64)
+    image = (lab.astype(np.float32) * 0.5 - 3.0)
+    cfg = AugmentConfig(permute_axes=axes, reflect="zyx", shifted_section_prob=1.0, max_shift=3)
+    changed = 0
+    for _ in range(20):
+        im2, lab2 = augment_patch(image, lab, cfg, rng)
+        assert im2.shape == image.shape and lab2.shape == lab.shape
+        np.testing.assert_array_equal(im2, lab2.astype(np.float32) * 0.5 - 3.0)
+        assert sorted(np.unique(lab2)) == sorted(np.unique(lab))  # nothing invented or lost
+        changed += int(not np.array_equal(lab2, lab))
+    assert changed >= 15  # it does augment
+    # intensity-only augmentations leave labels untouched and change the image
+    cfg2 = AugmentConfig(permute_axes="", reflect="", missing_section_prob=1.0, brightness=0.5, contrast=0.2)
+    im3, lab3 = augment_patch(image, lab, cfg2, rng)
+    np.testing.assert_array_equal(lab3, lab)
+    assert not np.allclose(im3, image)
+    blank = [z for z in range(im3.shape[0]) if np.ptp(im3[z]) == 0]
+    assert len(blank) == 1  # the missing section is uniform
+
+
+def test_soft_labels_and_fov_walks():
+    lab = np.zeros((13, 13, 13), np.uint64)
+    lab[:, :, :8] = 5
+    t = soft_labels(lab)
+    assert t[6, 6, 6] == np.float32(0.95) and t[6, 6, 10] == np.float32(0.05)
+    assert np.all(soft_labels(np.zeros_like(lab)) == np.float32(0.05))  # background centre: nothing to fill
+    ex = Example.from_patch(np.zeros(lab.shape, np.float32), lab, seed_pad=0.05)
+    assert ex.seed[6, 6, 6] == pytest.approx(logit(0.95)) and ex.seed[0, 0, 0] == pytest.approx(logit(0.05))
+    shifts = fixed_shifts((2, 2, 2), 1, np.random.default_rng(0))
+    assert len(shifts) == 26 and (0, 0, 0) not in shifts
+    # fixed: only the centre while the seed elsewhere stays low
+    assert list(walk(ex, (9, 9, 9), (2, 2, 2), "fixed", 0.9, shifts)) == [(6, 6, 6)]
+    # fixed: after a confident prediction on the x < 8 side, exactly the offsets whose seed is high are visited
+    ex.seed[:, :, :8] = logit(0.99)
+    visited = list(walk(ex, (9, 9, 9), (2, 2, 2), "fixed", 0.9, shifts))
+    assert visited[0] == (6, 6, 6) and len(visited) == 1 + 18
+    assert all(p[2] <= 6 for p in visited)
+    # max_pred: breadth-first along the face maxima, never leaving the patch or revisiting
+    ex.seed[:] = logit(0.05)
+    ex.seed[6, 6, 6] = logit(0.95)
+    gen = walk(ex, (9, 9, 9), (2, 2, 2), "max_pred", 0.9)
+    first = next(gen)
+    assert first == (6, 6, 6)
+    ex.seed[6, 6, 4] = logit(0.99)  # the -x face max is confident -> move there
+    rest = list(gen)
+    assert rest == [(6, 6, 4)]
+
+
+def _tiny_volume(path):
+    """32^3 slabs of 4 objects with dark boundaries (an h5 file, like much labelled EM data)."""
+    lab = np.zeros((32, 32, 32), np.uint64)
+    lab[:, :16, :16], lab[:, :16, 16:], lab[:, 16:, :16], lab[:, 16:, 16:] = 1, 2, 3, 4
+    lab[:, 8:24, 8:24][lab[:, 8:24, 8:24] == 4] = 5
+    img = np.full(lab.shape, 180, np.float32)
+    edge = np.zeros(lab.shape, bool)
+    for ax in (1, 2):
+        edge |= np.diff(lab, axis=ax, prepend=lab.take([0], axis=ax)) != 0
+    img[edge] = 60
+    img += np.random.default_rng(0).normal(0, 10, lab.shape)
+    with h5py.File(path, "w") as f:
+        f["raw"] = np.clip(img, 0, 255).astype(np.uint8)
+        f["gt"] = lab
+    return path
+
+
+def _config(tmp_path, h5, **kw):
+    from ffn.train import config_from_dict
+
+    data = {
+        "model": {"depth": 2, "features": 8, "fov_size_xyz": [9, 9, 9], "deltas_xyz": [2, 2, 2]},
+        "volumes": [{"image": f"{h5}:raw", "labels": f"{h5}:gt", "box_start_xyz": [0, 0, 0],
+                     "box_stop_xyz": [32, 32, 28]}],
+        "output_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "model"),
+        "batch_size": 2, "max_steps": 10, "checkpoint_every": 5, "log_every": 10, "threads": 1,
+        "partitions": {"min_size": 10}, "optimizer": {"name": "adam", "learning_rate": 0.003},
+        "augment": {"permute_axes": "zyx"},
+    }
+    data.update(kw)
+    return config_from_dict(data)
+
+
+def test_training_decreases_loss_and_resumes_exactly(tmp_path):
+    from ffn.model import load_model
+    from ffn.train import Trainer
+
+    h5 = _tiny_volume(tmp_path / "tiny.h5")
+    cfg = _config(tmp_path, h5, max_steps=120, checkpoint_every=60, log_every=20)
+    trainer = Trainer(cfg, log=lambda s: None)
+    assert trainer.restore() is False
+    trainer.run()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "scalars.csv")))
+    losses = [float(r["loss"]) for r in rows]
+    assert len(rows) == 6 and int(rows[-1]["step"]) == 120
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert 0.0 <= float(rows[-1]["f1"]) <= 1.0
+    # checkpoint at the last step; the export folder loads as a model with the training's thresholds
+    assert trainer.latest_checkpoint().name == "ckpt-000000120"
+    model, fc = load_model(tmp_path / "model")
+    assert fc.pad_value == 0.05 and fc.move_threshold == 0.9 and fc.metadata["training"]["steps"] == 120
+    x = np.random.default_rng(1).normal(size=(1, 9, 9, 9, 2)).astype(np.float32)
+    np.testing.assert_array_equal(model(x).numpy(), trainer.model(x).numpy())
+    # resume: same step, same weights, same optimizer state, then it continues counting
+    resumed = Trainer(_config(tmp_path, h5, max_steps=130, checkpoint_every=60, log_every=5), log=lambda s: None)
+    assert resumed.restore() is True and resumed.step == 120
+    for a, b in zip(resumed.model.get_weights(), trainer.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(resumed.optimizer.variables, trainer.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed.run()
+    assert resumed.step == 130
+    rows = list(csv.DictReader(open(tmp_path / "run" / "scalars.csv")))
+    assert [int(r["step"]) for r in rows][-2:] == [125, 130]
+    assert resumed.latest_checkpoint().name == "ckpt-000000130"
+
+
+def test_cli_train_ffn_and_config_errors(tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    h5 = _tiny_volume(tmp_path / "tiny.h5")
+    cfg = {
+        "model": {"depth": 1, "features": 4, "fov_size_xyz": [9, 9, 9], "deltas_xyz": [2, 2, 2]},
+        "volumes": [{"image": f"{h5}:raw", "labels": f"{h5}:gt"}],
+        "output_dir": str(tmp_path / "cli_run"), "batch_size": 1, "max_steps": 100, "threads": 1,
+        "partitions": {"min_size": 10}, "fov_policy": "max_pred",
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "ffn", str(path), "--max-steps", "3"]) == 0
+    assert (tmp_path / "cli_run" / "checkpoints" / "ckpt-000000003" / "state.json").is_file()
+    bad = dict(cfg, optimizer={"name": "adamw"})
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["train", "ffn", str(path)]) == 2
+    assert "optimizer.name" in capsys.readouterr().err
+    bad = dict(cfg, volumes=[{"image": str(tmp_path / "missing.h5:raw"), "labels": f"{h5}:gt"}])
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["train", "ffn", str(path)]) == 2
+    assert "missing.h5" in capsys.readouterr().err
