@@ -130,7 +130,7 @@ class Canvas:
         self.overlaps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.counters: dict[str, int] = {k: 0 for k in (
             "seeds_proposed", "seeds_tried", "steps", "segments", "rejected_weak", "rejected_small",
-            "skipped_near_segment", "deferred", "aborted_claimed", "voxels_overlapping")}
+            "skipped_near_segment", "deferred", "aborted_claimed", "steps_rejected", "voxels_overlapping")}
         self.max_floods = max(1, int(max_floods))
         self.floods: list[Flood] = []
         self._pool: list[np.ndarray] = []
@@ -222,7 +222,8 @@ class Canvas:
         if not flood.seed[flood.start] >= self.t_move:
             return False  # seed got too weak (reference checks this before every step)
         if self.segmentation[flood.start] > 0:
-            flood.steps = 0  # a parallel flood committed an object over our start: sequentially we'd not exist
+            self.counters["steps_rejected"] += flood.steps
+            flood.steps = 0  # a parallel flood committed an object over our start: sequentially we would not exist
             self.counters["aborted_claimed"] += 1
             return False
         pos = flood.queue.pop(lambda p: self._valid_move(flood, p))
@@ -284,6 +285,7 @@ class Canvas:
         try:
             if flood.steps <= 0:
                 return
+            self.counters["steps_rejected"] += flood.steps  # undone below if the object is accepted
             if not flood.seed[start] >= self.t_move:
                 if self.segmentation[start] == 0:
                     self.segmentation[start] = -1
@@ -308,6 +310,7 @@ class Canvas:
             self.overlaps[self._max_id] = (ids[keep], counts[keep])
             self.origins[self._max_id] = Origin(start, flood.steps, time.perf_counter() - flood.t0, actual)
             self.counters["segments"] += 1
+            self.counters["steps_rejected"] -= flood.steps
             self.counters["voxels_overlapping"] += raw - actual
         finally:
             flood.seed[sel] = np.nan  # the flood only ever wrote inside this box

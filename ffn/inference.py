@@ -8,6 +8,7 @@ seeds forward and backward and splits by intersection (the reference's FFN conse
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,18 +23,26 @@ OPTION_NAMES = ("init_activation", "pad_value", "move_threshold", "segment_thres
                 "min_boundary_dist")
 
 
+# Keras model -> {precision: Forward}: a block function called many times per worker must not re-trace the
+# forward pass (seconds) for every block.
+_FORWARDS: "weakref.WeakKeyDictionary[Any, dict[str, Forward]]" = weakref.WeakKeyDictionary()
+
+
 def resolve_forward(model, config: FFNConfig | None, precision: str = "float32") -> tuple[ForwardFn, FFNConfig]:
     """A model folder/name, a Keras model (+config), a ``Forward``, or any callable (+config) -> forward, config."""
     if isinstance(model, (str, os.PathLike)):
         from ffn.model import load_model
 
-        keras_model, config = load_model(model)
-        return Forward(keras_model, config, precision), config
+        model, config = load_model(model)
     if config is None:
         raise ConfigError("segment_volume: pass the FFNConfig with a model object")
     if isinstance(model, Forward) or not hasattr(model, "layers"):
         return model, config
-    return Forward(model, config, precision), config
+    per_model = _FORWARDS.setdefault(model, {})
+    fwd = per_model.get(precision)
+    if fwd is None or fwd.config != config:
+        fwd = per_model[precision] = Forward(model, config, precision)
+    return fwd, config
 
 
 def _stats(canvas: Canvas, run: dict) -> dict[str, Any]:

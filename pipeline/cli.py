@@ -19,8 +19,11 @@ COMMANDS: dict[str, str] = {
     "import": "import_volume",
     "import-ffn": "import_ffn",
     "info": "info",
+    "plan": "plan",
     "query": "query",
+    "segment": "segment",
     "train": "train",
+    "view": "view",
 }
 
 

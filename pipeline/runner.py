@@ -140,42 +140,17 @@ def run_blockwise(
         window = max(1, int(max_in_flight or _default_window(client)))
         chunk = max(1, int(chunk_size or min(1000, max(1, window // 4))))
         fn = functools.partial(block_fn, **params) if params else block_fn
-        todo = _iter_ids(ledger)
-        pending: dict[str, int] = {}  # future key -> block id (at most `window` entries)
-        live: dict[str, Any] = {}  # future key -> Future, to cancel them if the run stops early
-        futures = as_completed(loop=client.loop)
-
-        def submit_more() -> None:
-            while len(pending) < window:
-                ids = _take(todo, min(chunk, window - len(pending)))
-                if not ids:
-                    return
-                keys = [f"{key_prefix}-{i}" for i in ids]
-                blocks = [grid.block(i) for i in ids]
-                new = client.map(fn, blocks, key=keys, retries=retries, resources=resources, pure=False)
-                pending.update(zip(keys, ids))
-                live.update(zip(keys, new))
-                futures.update(new)
-
+        stream = _BlockStream(client, stage, grid, fn, key_prefix, _iter_ids(ledger), window=window, chunk=chunk,
+                              retries=retries, resources=resources)
         try:
-            submit_more()
-            while pending:
-                batch = _next_batch(futures, collect_seconds)
-                finished = [f for f in batch if f.status == "finished"]
-                failed = [f for f in batch if f.status != "finished"]
-                if failed:
-                    _raise_block_failure(stage, grid, failed[0], pending)
-                values = client.gather(finished) if finished else []
-                ids = []
-                for f in finished:
-                    ids.append(pending.pop(f.key))
-                    del live[f.key]
+            stream.submit_more()
+            while stream.pending:
+                ids, values = stream.collect(collect_seconds)
                 ledger.add(ids, values)
                 report.update(len(ids))
-                submit_more()
+                stream.submit_more()
         except BaseException:
-            if live:
-                client.cancel(list(live.values()))
+            stream.cancel_all()
             raise
         finally:
             ledger.flush()
@@ -183,13 +158,97 @@ def run_blockwise(
         return dict(ledger.results)
 
 
-def _next_batch(futures: as_completed, collect_seconds: float) -> list:
-    """Wait for at least one finished future, then let more finish for up to `collect_seconds`."""
-    batch = futures.next_batch(block=True)
-    if collect_seconds > 0 and not futures.is_empty():
-        time.sleep(collect_seconds)
-        batch += futures.next_batch(block=False)
-    return batch
+class _BlockStream:
+    """Blocks in flight: submitted in chunks up to `window`, collected in batches, lost ones resubmitted.
+
+    A finished future can lose its result when its worker dies before the driver gathered it; Dask then
+    recomputes or cancels it. Such blocks are released and resubmitted under the same key (idempotent, since
+    block functions are deterministic), at most `retries + 3` times each.
+    """
+
+    def __init__(self, client: Client, stage: str, grid: BlockGrid, fn: Callable, key_prefix: str, todo,
+                 *, window: int, chunk: int, retries: int, resources: dict | None) -> None:
+        self.client, self.stage, self.grid, self.fn = client, stage, grid, fn
+        self.key_prefix, self.todo = key_prefix, todo
+        self.window, self.chunk, self.retries, self.resources = window, chunk, retries, resources
+        self.pending: dict[str, int] = {}  # future key -> block id (at most `window` entries)
+        self.live: dict[str, Any] = {}  # future key -> Future (cancelled if the run stops early)
+        self.again: list[int] = []  # lost blocks to resubmit first
+        self.resubmits: dict[int, int] = {}
+        self.futures = as_completed(loop=client.loop)
+
+    def submit_more(self) -> None:
+        while len(self.pending) < self.window:
+            room = min(self.chunk, self.window - len(self.pending))
+            ids, self.again = self.again[:room], self.again[room:]
+            if len(ids) < room:
+                ids += _take(self.todo, room - len(ids))
+            if not ids:
+                return
+            keys = [f"{self.key_prefix}-{i}" for i in ids]
+            blocks = [self.grid.block(i) for i in ids]
+            new = self.client.map(self.fn, blocks, key=keys, retries=self.retries, resources=self.resources,
+                                  pure=False)
+            self.pending.update(zip(keys, ids))
+            self.live.update(zip(keys, new))
+            self.futures.update(new)
+
+    def collect(self, collect_seconds: float) -> tuple[list[int], list[Any]]:
+        """Wait for finished blocks (at least one, more for up to `collect_seconds`); return their ids, results."""
+        batch = self.futures.next_batch(block=True)
+        if collect_seconds > 0 and not self.futures.is_empty():
+            time.sleep(collect_seconds)
+            batch += self.futures.next_batch(block=False)
+        finished, lost = [], []
+        for f in batch:
+            if f.status == "finished":
+                finished.append(f)
+            elif f.status == "error":
+                _raise_block_failure(self.stage, self.grid, f, self.pending)
+            else:
+                lost.append(f)
+        del batch
+        values = self._gather(finished, lost)
+        ids = [self.pending.pop(f.key) for f in finished]
+        for f in finished:
+            del self.live[f.key]
+        if lost:
+            self._requeue(lost)
+        return ids, values
+
+    def _gather(self, finished: list, lost: list) -> list[Any]:
+        if not finished:
+            return []
+        try:
+            return self.client.gather(finished)
+        except Exception:  # noqa: BLE001 - a result vanished between completion and gather; sort them out
+            values, kept = [], []
+            for f in finished:
+                try:
+                    values.append(f.result())
+                    kept.append(f)
+                except FutureCancelledError:
+                    lost.append(f)
+                except Exception:  # noqa: BLE001
+                    _raise_block_failure(self.stage, self.grid, f, self.pending)
+            finished[:] = kept
+            return values
+
+    def _requeue(self, lost: list) -> None:
+        for f in lost:
+            block_id = self.pending.pop(f.key)
+            del self.live[f.key]
+            self.resubmits[block_id] = self.resubmits.get(block_id, 0) + 1
+            if self.resubmits[block_id] > self.retries + 3:
+                raise BlockFailed(f"stage '{self.stage}' block {block_id} {self.grid.block(block_id).write}: "
+                                  f"its result was lost {self.resubmits[block_id]} times (workers dying?)")
+            self.again.append(block_id)
+        lost.clear()  # drop the last references so the keys are released before they are resubmitted
+
+    def cancel_all(self) -> None:
+        if self.live:
+            self.client.cancel(list(self.live.values()))
+            self.live.clear()
 
 
 def _iter_ids(ledger: Ledger):

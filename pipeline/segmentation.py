@@ -55,7 +55,7 @@ class SegmentConfig:
     agglomerate: bool = True
     agglomeration: AgglomerationParams = field(default_factory=AgglomerationParams)
     pyramid_levels: int = 2
-    chunk_shape: tuple[int, int, int] = (64, 64, 64)
+    chunk_shape: tuple[int, int, int] = (32, 64, 64)
     fill_missing: bool = False
     restart: bool = False
 
@@ -70,10 +70,10 @@ class SegmentConfig:
                 raise ConfigError(f"segment config: field '{name}' must be 3 positive integers (ZYX), got {list(v)}")
         if len(self.overlap) != 3 or any(int(x) < 0 for x in self.overlap):
             raise ConfigError(f"segment config: field 'overlap' must be 3 non-negative integers (ZYX), got {list(self.overlap)}")
-        bad = [b for b, c in zip(self.block_shape, self.chunk_shape) if b % c]
-        if bad:
-            raise ConfigError(f"segment config: block_shape {list(self.block_shape)} must be a multiple of "
-                              f"chunk_shape {list(self.chunk_shape)}")
+        ratios = [b / c for b, c in zip(self.block_shape, self.chunk_shape)]
+        if any(r < 1 or r != int(r) or int(r) & (int(r) - 1) for r in ratios):
+            raise ConfigError(f"segment config: block_shape {list(self.block_shape)} must be chunk_shape "
+                              f"{list(self.chunk_shape)} times a power of two per axis (one block = one shard)")
         if not 0 < self.min_overlap_fraction <= 1:
             raise ConfigError(f"segment config: field 'min_overlap_fraction' must be in (0, 1], got {self.min_overlap_fraction}")
 
@@ -199,10 +199,34 @@ def _open_or_create(path: Path, chunk_zyx, shard_zyx, common: dict):
     return create_volume(url, chunk_shape_zyx=chunk_zyx, shard_shape_zyx=shard_zyx, **common)
 
 
-def _build_pyramid(segmentation, config: SegmentConfig, client, ledgers: Path, progress: bool) -> None:
-    from storage.pyramid import add_pyramid
+def pyramid_factor(voxel_size_xyz) -> tuple[int, int, int]:
+    """2x2x1 while z is coarser than x/y by 2x or more (keeps levels near isotropic, as igneous does), else 2x2x2."""
+    x, y, z = voxel_size_xyz
+    return (2, 2, 1) if z >= 2 * max(x, y) else (2, 2, 2)
 
-    add_pyramid(segmentation, levels=config.pyramid_levels, client=client, ledger_dir=ledgers, progress=progress)
+
+def build_pyramid_blockwise(volume, levels: int, client, ledgers: Path, *, restart: bool = False,
+                            progress: bool = True) -> list:
+    """Add `levels` downsampled scales (labels by mode, images by mean), one shard-aligned block per task."""
+    from pipeline.runner import run_blockwise
+    from storage.pyramid import add_scales, downsample_block_fn
+
+    src = volume
+    created = []
+    for level in range(levels):
+        factor = pyramid_factor(src.voxel_size)
+        (dst,) = add_scales(src, [factor])
+        grid = BlockGrid(dst.bounds, dst.chunk_shape, alignment=dst.chunk_shape)
+        run_blockwise(f"pyramid-{level + 1}", grid, downsample_block_fn, params=dict(src_spec=src.spec, dst_spec=dst.spec),
+                      client=client, ledger_dir=ledgers, restart=restart, progress=progress)
+        created.append(dst)
+        src = dst
+    return created
+
+
+def _build_pyramid(segmentation, config: SegmentConfig, client, ledgers: Path, progress: bool) -> None:
+    build_pyramid_blockwise(segmentation, config.pyramid_levels, client, ledgers, restart=config.restart,
+                            progress=progress)
 
 
 def _write_store(out: Path, stats: pd.DataFrame, lookup: pd.DataFrame, seg_results: dict, voxel_size_xyz) -> None:

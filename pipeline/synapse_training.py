@@ -42,15 +42,13 @@ def polarity_targets(segmentation: np.ndarray, clefts: np.ndarray, pre_of: dict[
     dist, idx = ndi.distance_transform_edt(~cleft, sampling=[1.0 / r for r in radius_zyx], return_indices=True)
     nearest = clefts[tuple(idx)]
     near = dist <= 1.0
-    ids = np.unique(clefts[cleft])
-    pre_lut = np.zeros(int(ids.max()) + 1, dtype=np.uint64)
-    post_lut = np.zeros(int(ids.max()) + 1, dtype=np.uint64)
-    for s in ids:
-        pre_lut[int(s)] = pre_of.get(int(s), 0)
-        post_lut[int(s)] = post_of.get(int(s), 0)
+    ids, dense = np.unique(nearest, return_inverse=True)
+    dense = dense.reshape(nearest.shape)
+    pre_lut = np.array([pre_of.get(int(s), 0) for s in ids], dtype=np.uint64)
+    post_lut = np.array([post_of.get(int(s), 0) for s in ids], dtype=np.uint64)
     seg = segmentation.astype(np.uint64)
-    pre = near & (seg != 0) & (seg == pre_lut[nearest.astype(np.int64)])
-    post = near & (seg != 0) & (seg == post_lut[nearest.astype(np.int64)])
+    pre = near & (seg != 0) & (seg == pre_lut[dense])
+    post = near & (seg != 0) & (seg == post_lut[dense])
     return cleft.astype(np.uint8), pre.astype(np.uint8), post.astype(np.uint8)
 
 
@@ -139,3 +137,63 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
                 model.save_weights(ckpt_dir / "model.weights.h5")
                 state_file.write_text(json.dumps({"step": step + 1}))
     return save_model(model, config, out_dir / "model")
+
+
+# ---- data sources -------------------------------------------------------------------------------------------------
+
+def synthetic_volume(seed: int, shape_zyx: tuple[int, int, int], radius_nm: float = 80.0) -> TrainingVolume:
+    """A generated volume with cleft, pre and post targets from the generator's ground truth."""
+    from pipeline.synthetic import SynthParams, generate_block
+    from storage.box import Box
+
+    params = SynthParams(seed=seed, shape_zyx=shape_zyx)
+    block = generate_block(params, Box.from_shape(shape_zyx))
+    arrays, table = block.volumes, block.synapses
+    pre_of = dict(zip(table["synapse_id"].astype(int), table["pre_segment_id"].astype(int)))
+    post_of = dict(zip(table["synapse_id"].astype(int), table["post_segment_id"].astype(int)))
+    radius = tuple(radius_nm / v for v in params.voxel_size_zyx)
+    cleft, pre, post = polarity_targets(arrays["gt"], arrays["clefts"], pre_of, post_of, radius)
+    return TrainingVolume(arrays["raw"], cleft, pre, post, polarity=True, name=f"synthetic-{seed}")
+
+
+def isbi_volume(folder: str | Path, sections: range) -> TrainingVolume:
+    """ISBI 2012 ssTEM sections: raw/ and synapses/ PNG stacks (nonzero = cleft), no polarity."""
+    from PIL import Image
+
+    folder = Path(folder)
+
+    def stack(kind: str) -> np.ndarray:
+        files = sorted((folder / kind).glob("*.png"))
+        return np.stack([np.array(Image.open(files[i])) for i in sections])
+
+    raw = stack("raw").astype(np.uint8)
+    cleft = (stack("synapses") != 0).astype(np.uint8)
+    zeros = np.zeros_like(cleft)
+    return TrainingVolume(raw, cleft, zeros, zeros.copy(), polarity=False, name=f"isbi-{sections.start}-{sections.stop}")
+
+
+def train_from_config(config: dict) -> Path:
+    """`connectome train synapses CONFIG`: {"out", "steps", "batch_size", "patch_shape_zyx", "model": {...},
+    "data": [{"synthetic": {"seed", "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}."""
+    from storage.errors import ConfigError
+
+    try:
+        model_config = SynapseModelConfig.from_json_dict(dict(config.get("model", {})), "synapse training config")
+        volumes = []
+        for i, entry in enumerate(config["data"]):
+            if "synthetic" in entry:
+                d = entry["synthetic"]
+                volumes.append(synthetic_volume(int(d["seed"]), tuple(d["shape_zyx"])))
+            elif "isbi" in entry:
+                d = entry["isbi"]
+                volumes.append(isbi_volume(d["folder"], range(int(d["first"]), int(d["stop"]))))
+            else:
+                raise ConfigError(f"synapse training config: data[{i}] must have 'synthetic' or 'isbi', got {entry}")
+        out = Path(config["out"])
+    except KeyError as exc:
+        raise ConfigError(f"synapse training config: missing field {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    return train(volumes, model_config, out, steps=int(config.get("steps", 2000)),
+                 batch_size=int(config.get("batch_size", 4)),
+                 patch_shape=tuple(config.get("patch_shape_zyx", (24, 64, 64))),
+                 learning_rate=float(config.get("learning_rate", 1e-3)))

@@ -298,7 +298,8 @@ def train(trainer: Trainer, batcher: PairBatcher, *, log_path: str | os.PathLike
 
 def _read_config(config_path_or_dict: str | os.PathLike | dict) -> tuple[dict, Path]:
     if isinstance(config_path_or_dict, dict):
-        return dict(config_path_or_dict), Path.cwd()
+        data = dict(config_path_or_dict)
+        return data, Path(data.pop("_base", Path.cwd()))
     path = Path(config_path_or_dict)
     if not path.is_file():
         raise ConnectomeError(f"SegCLR training config {path}: file not found")
@@ -375,6 +376,8 @@ def train_from_config(config_path_or_dict: str | os.PathLike | dict) -> dict[str
     from segclr.encoder import SegCLRConfig, save_model
 
     data, base = _read_config(config_path_or_dict)
+    if "output_dir" in data and "output" not in data:
+        data["output"] = data.pop("output_dir")
     for key in ("data", "output"):
         if key not in data:
             raise ConfigError(f"SegCLR training config: missing key {key!r}")
@@ -413,4 +416,19 @@ def train_from_config(config_path_or_dict: str | os.PathLike | dict) -> dict[str
     model_cfg = SegCLRConfig.from_json_dict(dict(model_cfg.to_json_dict(), metadata=meta))
     save_model(trainer.encoder, model_cfg, output)
     figures["output"] = str(output)
+    return figures
+
+
+def train_from_file(config_path: str | os.PathLike, *, max_steps: int | None = None,
+                    output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The trainer hook of ``connectome train segclr CONFIG [--max-steps N] [--output-dir DIR]``."""
+    data, base = _read_config(config_path)
+    data = dict(data)
+    data.setdefault("_base", str(base))
+    if max_steps is not None:
+        data["training"] = dict(data.get("training", {}), steps=int(max_steps))
+    if output_dir is not None:
+        data["output"] = str(Path(output_dir).resolve())
+    figures = train_from_config(data)
+    print(json.dumps(figures))
     return figures

@@ -42,6 +42,16 @@ class ParsedUrl:
     def path(self) -> str:
         return self.kvstore.get("path", "")
 
+    def tensorstore_spec(self) -> dict:
+        """The TensorStore spec this URL names (no network). Needs a known format (prefix or suffix).
+
+        For zarr the location is our multiscale group; `open_volume` resolves the level array inside it.
+        """
+        if self.format is None:
+            raise VolumeError(f"cannot tell the format of {self.url!r} without reading it; prefix it with "
+                              "precomputed://, zarr://, zarr3:// or n5://")
+        return {"driver": self.format, "kvstore": dict(self.kvstore)}
+
 
 def parse_url(url: str) -> ParsedUrl:
     """Parse a volume URL. Raises VolumeError for an unknown scheme."""

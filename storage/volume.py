@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -104,8 +105,9 @@ def detect_format(kvstore: dict, auto_zarr: bool = False) -> str | None:
 
 
 def _short(exc: BaseException) -> str:
+    """TensorStore's message, one line, without the JSON spec it appends (the volume is named by the caller)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text
+    return re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -475,15 +477,15 @@ def create_volume(url: str, *, shape_zyx: Sequence[int], dtype: Any, voxel_size_
             shard = None
     root = parsed.kvstore
     name = kvstore_url(root)
-    existing = detect_format(root)
-    if existing is not None:
-        if not delete_existing:
-            raise VolumeError(f"{name} already exists ({existing}); pass delete_existing=True (CLI: --overwrite) "
-                              "to replace it")
-        _kv(root).delete_range(ts.KvStore.KeyRange()).result()
-
     level = ngff.Level("0" if fmt in ("zarr", "zarr3") else ("s0" if fmt == "n5" else "0"), voxel_size, offset)
     array_kv = root if fmt == "neuroglancer_precomputed" else kvstore_join(root, level.path)
+    if delete_existing:
+        _kv(root).delete_range(ts.KvStore.KeyRange()).result()
+    else:
+        existing = detect_format(root) or (detect_format(array_kv) if array_kv != root else None)
+        if existing is not None:
+            raise VolumeError(f"{name} already exists ({existing}); pass delete_existing=True (CLI: --overwrite) "
+                              "to replace it")
     spec = _array_create_spec(fmt, array_kv, shape, np_dtype, chunk, shard, kind, voxel_size, offset,
                               first_scale=True)
     try:

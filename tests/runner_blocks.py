@@ -87,9 +87,11 @@ def main(argv: list[str]) -> int:
 
     from pipeline.runner import run_blockwise
 
+    import runner_blocks  # the importable module, not __main__: workers must find the function by name
+
     settings = json.loads(argv[0])
     with Client(settings["address"]) as client:
-        run_blockwise("write", grid(), write_block, params=settings["params"], client=client,
+        run_blockwise("write", runner_blocks.grid(), runner_blocks.write_block, params=settings["params"], client=client,
                       ledger_dir=settings["ledger_dir"], progress=False, ledger_flush_seconds=0.05,
                       max_in_flight=16)
     return 0

@@ -206,11 +206,11 @@ def test_batching_across_canvases_equals_batch_one(grow):
     alone = [segment_volume(img, forward, cfg, batch_size=1)[0] for img in imgs]
     calls_before = forward.calls
     batched = segment_volumes(imgs, forward, cfg, batch_size=3)
-    assert forward.fovs - 0 > 0
     for a, (b, stats) in zip(alone, batched):
         np.testing.assert_array_equal(a, b)
-    steps = sum(s["steps"] for _, s in batched[:1])
-    assert forward.calls - calls_before < steps  # several canvases' FOVs went into one call
+    total_steps = sum(s["steps"] for _, s in batched)
+    calls = forward.calls - calls_before
+    assert max(s["steps"] for _, s in batched) <= calls < total_steps  # FOVs of several canvases per call
 
 
 def test_parallel_floods_are_deterministic_and_find_the_same_objects(grow):

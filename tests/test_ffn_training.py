@@ -20,12 +20,12 @@ from ffn.train.partitions import EXCLUDED, compute_partitions  # noqa: E402
 
 def halves_volume() -> np.ndarray:
     """20^3: id 1 for x < 10, id 2 for x >= 10, a 1-voxel line of id 3 along z at (y, x) = (15, 15),
-    a 2-voxel speck of id 4 (dust) and a background slab at y = 0..1."""
+    a 2-voxel speck of id 4 (dust) and a background slab at y = 16..17."""
     lab = np.ones((20, 20, 20), np.uint64)
     lab[:, :, 10:] = 2
     lab[:, 15, 15] = 3
-    lab[10, 5, 3:5] = 4
-    lab[:, 0:2, :] = 0
+    lab[10, 4, 3:5] = 4
+    lab[:, 16:18, :] = 0
     return lab
 
 
@@ -38,10 +38,10 @@ def test_partitions_classes_on_hand_made_volume():
     assert part[10, 10, 4] == 3  # deep inside id 1: fraction 1.0 > 0.7
     assert part[10, 10, 9] == 2  # last column of id 1: 3 of 5 columns -> 0.6 in [0.3, 0.7)
     assert part[10, 15, 15] == 1  # thin line: 5 of 125 voxels -> 0.04 < 0.3
-    assert part[10, 5, 3] == part[10, 5, 4] == 0  # dust (2 voxels < min_size) counts as background
-    assert part[10, 5, 6] == 3  # its neighbour of id 1 is unaffected... (dust became 0, not id 1)
-    assert (part[5:15, 0:2, 5:15] == 0).all()  # unlabelled voxels: background class
-    assert part[10, 2, 10] == 2  # labelled voxel next to background: 3 of 5 rows are its id -> 0.6
+    assert part[10, 4, 3] == part[10, 4, 4] == 0  # dust (2 voxels < min_size) counts as background
+    assert part[10, 4, 6] == 3  # its neighbour of id 1: 124 of 125
+    assert (part[5:15, 16:18, 5:15] == 0).all()  # unlabelled voxels: background class
+    assert part[10, 15, 12] == 2  # labelled voxel next to background: 3 of 5 rows are its id -> 0.6
     # dust is background (class 0), not a thin object
     lab2 = np.ones((12, 12, 12), np.uint64)
     lab2[6, 6, 6] = 9
@@ -58,7 +58,7 @@ def test_coordinates_are_class_balanced_and_inside_margin():
     second[8, 8, 8] = 1  # a single voxel of class 1 in volume 2
     sampler = BalancedSampler([part, second], margin=(3, 3, 3))
     counts = sampler.class_counts()
-    assert counts[3] > 100 * counts[1] // 100 and counts[3] > counts[1]  # raw frequencies are very unequal
+    assert counts[3] > 20 * counts[1]  # raw frequencies are very unequal
     rng = np.random.default_rng(0)
     drawn = [sampler.sample(rng) for _ in range(4000)]
     classes = np.array([c for c, _ in drawn])
@@ -74,10 +74,8 @@ def test_coordinates_are_class_balanced_and_inside_margin():
 @pytest.mark.parametrize("axes", ["zyx", "yx"])
 def test_augmentation_keeps_image_and_labels_together(axes):
     rng = np.random.default_rng(3)
-    lab = rng.integers(1, 200, size=(7, 9, 9)).repeat(1, 0).astype(np.uint64)
-    lab = np.kron(lab, np.ones((1, 1, 1), np.uint64))
-    if axes == "zyx":
-        lab = rng.integers(1, 200, size=(9, 9, 9)).astype(np.uint64)
+    shape = (9, 9, 9) if axes == "zyx" else (7, 9, 9)  # anisotropic patches only permute y and x
+    lab = rng.integers(1, 200, size=shape).astype(np.uint64)
     image = (lab.astype(np.float32) * 0.5 - 3.0)
     cfg = AugmentConfig(permute_axes=axes, reflect="zyx", shifted_section_prob=1.0, max_shift=3)
     changed = 0
@@ -112,7 +110,7 @@ def test_soft_labels_and_fov_walks():
     # fixed: after a confident prediction on the x < 8 side, exactly the offsets whose seed is high are visited
     ex.seed[:, :, :8] = logit(0.99)
     visited = list(walk(ex, (9, 9, 9), (2, 2, 2), "fixed", 0.9, shifts))
-    assert visited[0] == (6, 6, 6) and len(visited) == 1 + 18
+    assert visited[0] == (6, 6, 6) and len(visited) == 18  # x offset in {-2, 0}: 2 * 9
     assert all(p[2] <= 6 for p in visited)
     # max_pred: breadth-first along the face maxima, never leaving the patch or revisiting
     ex.seed[:] = logit(0.05)
@@ -184,7 +182,7 @@ def test_training_decreases_loss_and_resumes_exactly(tmp_path):
     for a, b in zip(resumed.model.get_weights(), trainer.model.get_weights()):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(resumed.optimizer.variables, trainer.optimizer.variables):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     resumed.run()
     assert resumed.step == 130
     rows = list(csv.DictReader(open(tmp_path / "run" / "scalars.csv")))

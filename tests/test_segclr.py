@@ -192,3 +192,38 @@ def test_classifier_ood_higher_for_held_out_type_and_save_load(tmp_path):
         again = Classifier.load(tmp_path / kind)
         for a, b in zip(again.predict(x), (labels, conf, ood)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_train_from_config_checkpoints_and_resumes(tmp_path):
+    from segclr.encoder import load_model
+    from segclr.training import train_from_config
+    from storage.volume import create_volume
+
+    rng = np.random.default_rng(0)
+    seg = np.zeros((16, 40, 64), np.uint64)
+    for i, y in enumerate((8, 20, 32)):
+        seg[5:11, y - 2 - i:y + 2 + i, 2:62] = 1 + i
+    raw = (100 + 50 * rng.random(seg.shape)).astype(np.uint8)
+    for name, arr, kind in (("raw", raw, "image"), ("seg", seg, "segmentation")):
+        v = create_volume(str(tmp_path / f"{name}.zarr"), shape_zyx=arr.shape, dtype=arr.dtype,
+                          voxel_size_xyz_nm=(16, 16, 16), chunk_shape_zyx=(16, 40, 64), kind=kind)
+        v.write(v.bounds, arr)
+    config = {
+        "model": {"cutout_size_xyz": [9, 9, 9], "downsample_xyz": [2, 2, 1], "stem_filters": 4,
+                  "stage_filters": [4, 8], "blocks_per_stage": [1, 1], "head_hidden": 8, "embedding_dim": 8,
+                  "projection_dims": [8, 4]},
+        "training": {"steps": 3, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1,
+                     "max_pair_distance_nm": 400.0},
+        "data": [{"raw": str(tmp_path / "raw.zarr"), "seg": str(tmp_path / "seg.zarr"), "dust_threshold": 5}],
+        "output": str(tmp_path / "model"), "workdir": str(tmp_path / "work"),
+    }
+    first = train_from_config(config)
+    assert first["steps"] == 3 and not first["resumed"] and np.isfinite(first["loss"])
+    assert 0 <= first["top1"] <= 1 and first["std_x_sqrtd"] > 0
+    log = (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 3 and '"std_x_sqrtd"' in log[0] and '"top1"' in log[0]
+    config["training"]["steps"] = 5
+    second = train_from_config(config)
+    assert second["resumed"] and second["steps"] == 5
+    encoder, cfg = load_model(tmp_path / "model")
+    assert cfg.metadata["figures"]["steps"] == 5 and cfg.cutout_size == (9, 9, 9)

@@ -95,3 +95,24 @@ def segment_table(seg: np.ndarray) -> pd.DataFrame:
              synapses_in=[int((syn.post_segment_id == i).sum()) for i in ids],
              synapses_out=[int((syn.pre_segment_id == i).sum()) for i in ids])
     )
+
+
+def make_store(path, seg: np.ndarray, frag: np.ndarray):
+    """A connectome store for the sample: segments, fragment id map, cell types, skeletons, synapses (version 1+)."""
+    from storage.store import ConnectomeStore
+
+    store = ConnectomeStore.create(str(path))
+    table = segment_table(seg)
+    fids, fcounts = np.unique(frag[frag > 0], return_counts=True)
+    with store.loading("viz sample") as v:
+        store.write_segments(table[["segment_id", "voxel_count"]], version=v)
+        store.write_id_map(pd.DataFrame({"fragment_id": fids.astype(np.int64),
+                                         "segment_id": [FRAGMENTS[int(f)] for f in fids],
+                                         "voxel_count": fcounts.astype(np.int64)}), version=v)
+        store.write_cell_types(table[["segment_id", "cell_type"]].assign(confidence=table.cell_type_confidence),
+                               version=v)
+        nodes = skeleton_nodes()
+        store.write_skeleton_nodes(nodes, version=v)
+        syn = synapses().drop(columns=["pre_segment_id", "post_segment_id"])
+        store.write_synapses(syn.assign(valid=True), version=v)
+    return store

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import tensorstore as ts
 
 from storage.errors import ConnectomeError
+from storage.urls import kvstore_spec
 
 _URL_SCHEMES = ("file://", "gs://", "s3://", "memory://", "http://", "https://")
 
@@ -39,7 +40,7 @@ def local_path(path_or_url: str | os.PathLike) -> str | None:
 def open_kvstore(path_or_url: str | os.PathLike) -> ts.KvStore:
     url = kvstore_url(path_or_url)
     try:
-        return ts.KvStore.open(url).result()
+        return ts.KvStore.open(kvstore_spec(url)).result()
     except Exception as exc:  # TensorStore raises ValueError with a long message
         raise ConnectomeError(f"cannot open output location {url}: {str(exc).splitlines()[0]}") from exc
 
@@ -102,7 +103,7 @@ def write_uint64_index(
             f.result()
         return count
     kv = ts.KvStore.open(
-        {"driver": "neuroglancer_uint64_sharded", "base": kvstore_url(dir_url), "metadata": dict(sharding)}
+        {"driver": "neuroglancer_uint64_sharded", "base": kvstore_spec(kvstore_url(dir_url)), "metadata": dict(sharding)}
     ).result()
     with ts.Transaction() as txn:
         tkv = kv.with_transaction(txn)

@@ -1,10 +1,10 @@
-"""Image and segmentation pyramids in Neuroglancer precomputed format, written through TensorStore.
+"""Image and segmentation pyramids in Neuroglancer precomputed format, written through storage.volume.
 
-Scale 0 is copied from the source block by block (each block aligned to the output's write chunk: the shard
-when sharded, so every shard has exactly one writer); each coarser scale is TensorStore's ``downsample``
-view of the previous one (``mean`` for images, ``mode`` for segmentations, so a label never becomes the
-average of two neighbours) copied the same way. The source is a numpy ZYX array or anything with
-``.shape`` and ``.read(box)`` (a ``storage.volume.Volume``), so a volume larger than memory streams through.
+This is the viz-side front door to `storage.volume.create_volume` + `storage.pyramid.build_pyramid` (the one
+pyramid implementation: mean for images, mode for labels, block by block): it takes a numpy ZYX array or
+anything with ``.shape`` and ``.read(box)`` (a ``storage.volume.Volume``), picks the scales, the chunking and,
+when asked, a shard shape, and copies scale 0 one write-aligned block at a time (the shard when sharded, so
+every shard has exactly one writer) so a volume larger than memory streams through.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import tensorstore as ts
 
 from storage.box import BlockGrid, Box
 from storage.errors import ConnectomeError
+from storage.pyramid import build_pyramid
+from storage.volume import create_volume
 from viz.kvstore import kvstore_url, read_json, write_json
 
-IMAGE_ENCODINGS = ("raw", "jpeg", "png")
-SEGMENTATION_ENCODINGS = ("compressed_segmentation", "raw")
+IMAGE_ENCODINGS = ("raw",)
+SEGMENTATION_ENCODINGS = ("compressed_segmentation",)
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,10 @@ class PyramidSpec:
     voxel_size_xyz_nm: tuple[float, float, float]
     voxel_offset_xyz: tuple[int, int, int] = (0, 0, 0)
     chunk_size_xyz: tuple[int, int, int] = (64, 64, 64)
-    encoding: str | None = None  # image: raw (default) | jpeg | png; segmentation: compressed_segmentation
+    encoding: str | None = None  # image: raw; segmentation: compressed_segmentation (storage.volume's choices)
     sharded: bool = False
     num_scales: int | None = None  # None: downsample until the volume fits in one chunk
-    jpeg_quality: int = 90
+    max_shard_chunks: int = 8  # chunks per shard along each axis (a power of two)
     block_voxels: int = 256**3  # upper bound on voxels copied per step (memory bound)
 
     def __post_init__(self) -> None:
@@ -79,40 +80,20 @@ def plan_scales(
     return factors
 
 
-def _scale_key(resolution: Sequence[float]) -> str:
-    return "_".join(str(int(r)) if float(r).is_integer() else str(r) for r in resolution)
-
-
-def _sharding(size_xyz: Sequence[int], chunk_xyz: Sequence[int], encoding: str, dtype: np.dtype) -> dict:
-    from cloudvolume.datasource.precomputed.sharding import compute_shard_params_for_image
-
-    spec = compute_shard_params_for_image(
-        tuple(int(s) for s in size_xyz), tuple(int(c) for c in chunk_xyz), encoding, np.dtype(dtype).name,
-        data_encoding="raw" if encoding in ("jpeg", "png") else "gzip",
-    ).to_dict()
-    return {k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in spec.items()}
-
-
-def _scale_metadata(spec: PyramidSpec, size_xyz, offset_xyz, resolution, dtype) -> dict:
-    meta: dict[str, Any] = {
-        "key": _scale_key(resolution),
-        "size": [int(s) for s in size_xyz],
-        "voxel_offset": [int(o) for o in offset_xyz],
-        "resolution": [float(r) for r in resolution],
-        "encoding": spec.resolved_encoding,
-        "chunk_size": [int(min(c, max(1, s))) for c, s in zip(spec.chunk_size_xyz, size_xyz)],
-    }
-    if spec.resolved_encoding == "compressed_segmentation":
-        meta["compressed_segmentation_block_size"] = [8, 8, 8]
-    if spec.resolved_encoding == "jpeg":
-        meta["jpeg_quality"] = int(spec.jpeg_quality)
-    if spec.sharded:
-        meta["sharding"] = _sharding(size_xyz, meta["chunk_size"], spec.resolved_encoding, dtype)
-    return meta
+def shard_shape(shape_zyx: Sequence[int], chunk_zyx: Sequence[int], max_chunks: int) -> tuple[int, int, int]:
+    """Chunk shape times a power of two per axis (what Morton-keyed precomputed shards can be), at most the
+    volume rounded up to a power of two and `max_chunks` chunks per axis."""
+    out = []
+    for s, c in zip(shape_zyx, chunk_zyx):
+        n = 1
+        while n < max_chunks and n * c < s:
+            n *= 2
+        out.append(n * c)
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _source_reader(data: Any):
-    """(shape_zyx, dtype, read(box_relative_zyx) -> ndarray) for a numpy array or a Volume-like object."""
+    """(shape_zyx, dtype, read(box relative to the data) -> ndarray) for a numpy array or a Volume-like object."""
     if isinstance(data, np.ndarray):
         if data.ndim != 3:
             raise ConnectomeError(f"expected a 3-d ZYX array, got shape {data.shape}")
@@ -123,77 +104,31 @@ def _source_reader(data: Any):
     raise ConnectomeError(f"cannot publish {type(data).__name__}: expected a numpy ZYX array or a Volume")
 
 
-def _copy_blockwise(dst: ts.TensorStore, read_zyx, bounds_zyx: Box, block_voxels: int) -> None:
-    """Copy `read_zyx(box relative to bounds)` into dst (x,y,z,channel) in blocks aligned to its write chunk."""
-    write_xyz = [int(c) for c in dst.chunk_layout.write_chunk.shape[:3]]
-    align_zyx = tuple(reversed(write_xyz))
-    per_block = int(np.prod(align_zyx))
-    k = max(1, int(round((block_voxels / per_block) ** (1 / 3))))
-    block_shape = tuple(a * k for a in align_zyx)
-    grid = BlockGrid(bounds_zyx, block_shape, alignment=align_zyx)
-    for block in grid:
-        rel = block.write.relative_to(bounds_zyx)
-        arr = read_zyx(rel)
-        (z0, y0, x0), (z1, y1, x1) = block.write.start, block.write.stop
-        dst[x0:x1, y0:y1, z0:z1, 0].write(np.ascontiguousarray(arr.transpose(2, 1, 0))).result()
-
-
 def write_pyramid(dest: str | os.PathLike, data: Any, spec: PyramidSpec, *, delete_existing: bool = True) -> dict:
-    """Write `data` (ZYX) and its downsampled scales to `dest` (path or URL); returns the written info.
-
-    Grid alignment is relative to the voxel offset, so a volume with a non-zero offset keeps its place in
-    world coordinates at every scale.
-    """
+    """Write `data` (ZYX) and its downsampled scales to `dest` (path or URL); returns the written info."""
     shape_zyx, dtype, read = _source_reader(data)
     dtype = np.dtype(dtype)
-    if spec.kind == "segmentation" and dtype.kind not in "ui":
-        raise ConnectomeError(f"segmentation must have an integer dtype, got {dtype}")
-    if spec.resolved_encoding == "jpeg" and dtype != np.uint8:
-        raise ConnectomeError(f"jpeg encoding needs uint8 data, got {dtype}")
     if spec.kind == "segmentation":
+        if dtype.kind not in "ui":
+            raise ConnectomeError(f"segmentation must have an integer dtype, got {dtype}")
+        # compressed_segmentation stores uint32 or uint64
         dtype = np.dtype(np.uint64) if dtype.itemsize > 4 or dtype.kind == "i" else np.dtype(np.uint32)
-    base = {"driver": "neuroglancer_precomputed", "kvstore": kvstore_url(dest)}
     shape_xyz = tuple(reversed([int(s) for s in shape_zyx]))
-    offset_xyz = tuple(int(o) for o in spec.voxel_offset_xyz)
-    resolution = [float(r) for r in spec.voxel_size_xyz_nm]
-    factors = plan_scales(shape_xyz, resolution, spec.chunk_size_xyz, spec.num_scales)
-
-    scale0 = _scale_metadata(spec, shape_xyz, offset_xyz, resolution, dtype)
-    store = ts.open(
-        {
-            **base,
-            "multiscale_metadata": {"type": spec.kind, "data_type": dtype.name, "num_channels": 1},
-            "scale_metadata": scale0,
-        },
-        create=True,
-        delete_existing=delete_existing,
-    ).result()
-    bounds = Box.from_shape(shape_zyx, tuple(reversed(offset_xyz)))
-    cast = (lambda box: read(box).astype(dtype, copy=False))
-    _copy_blockwise(store, cast, bounds, spec.block_voxels)
-
-    method = "mean" if spec.kind == "image" else "mode"
-    for level, f in enumerate(factors[1:], start=1):
-        down = ts.open(
-            {
-                "driver": "downsample",
-                "downsample_factors": [*f, 1],
-                "downsample_method": method,
-                "base": {**base, "scale_index": level - 1},
-            }
-        ).result()
-        lo = [int(v) for v in down.domain.inclusive_min[:3]]
-        size = [int(v) for v in down.domain.shape[:3]]
-        resolution = [r * k for r, k in zip(resolution, f)]
-        meta = _scale_metadata(spec, size, lo, resolution, dtype)
-        target = ts.open({**base, "scale_metadata": meta}, create=True).result()
-        level_bounds = Box.from_shape(tuple(reversed(size)), tuple(reversed(lo)))
-
-        def read_down(box: Box, _down=down, _bounds=level_bounds) -> np.ndarray:
-            (z0, y0, x0), (z1, y1, x1) = box.translate(_bounds.start).start, box.translate(_bounds.start).stop
-            return _down[x0:x1, y0:y1, z0:z1, 0].read().result().transpose(2, 1, 0)
-
-        _copy_blockwise(target, read_down, level_bounds, spec.block_voxels)
+    chunk_zyx = tuple(min(c, s) for c, s in zip(reversed(spec.chunk_size_xyz), shape_zyx))
+    shard_zyx = shard_shape(shape_zyx, chunk_zyx, spec.max_shard_chunks) if spec.sharded else None
+    vol = create_volume(
+        "precomputed://" + kvstore_url(dest), shape_zyx=shape_zyx, dtype=dtype,
+        voxel_size_xyz_nm=spec.voxel_size_xyz_nm, chunk_shape_zyx=chunk_zyx, shard_shape_zyx=shard_zyx,
+        kind=spec.kind, voxel_offset_xyz=spec.voxel_offset_xyz, delete_existing=delete_existing,
+    )
+    align = vol.chunk_shape
+    k = max(1, int(round((spec.block_voxels / int(np.prod(align))) ** (1 / 3))))
+    grid = BlockGrid(vol.bounds, tuple(a * k for a in align), alignment=align)
+    for block in grid:
+        vol.write(block.write, read(block.write.relative_to(vol.bounds)).astype(dtype, copy=False))
+    factors = plan_scales(shape_xyz, spec.voxel_size_xyz_nm, spec.chunk_size_xyz, spec.num_scales)
+    if len(factors) > 1:
+        build_pyramid(vol, factors[1:])
     return read_json(dest)
 
 

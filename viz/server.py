@@ -57,6 +57,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "Access-Control-Expose-Headers", "Content-Range, Content-Length, Content-Encoding, Accept-Ranges, ETag"
         )
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        log = getattr(self.server, "requests", None)
+        if log is not None:
+            log.append((urllib.parse.urlsplit(self.path).path if hasattr(self, "path") else "", code))
+        super().send_response(code, message)
+
     def _error(self, code: int, message: str) -> None:
         body = (message + "\n").encode()
         self.send_response(code)
@@ -219,6 +225,11 @@ class DataServer:
     _thread: threading.Thread
 
     @property
+    def requests(self) -> list[tuple[str, int]] | None:
+        """(path, status) of every response, when started with record_requests=True."""
+        return getattr(self._httpd, "requests", None)
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
@@ -242,6 +253,7 @@ def serve(
     port: int = 0,
     allow_remote: bool = False,
     verbose: bool = False,
+    record_requests: bool = False,
 ) -> DataServer:
     """Serve `root` read-only in a background thread; port 0 picks a free port.
 
@@ -262,6 +274,7 @@ def serve(
     except OSError as exc:
         raise ConnectomeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     httpd.verbose = verbose  # type: ignore[attr-defined]
+    httpd.requests = [] if record_requests else None  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"viz-server-{root_path.name}", daemon=True)
     thread.start()
     return DataServer(root_path, host, httpd.server_address[1], httpd, thread)

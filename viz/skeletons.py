@@ -3,8 +3,9 @@
 Input is the store's ``skeleton_nodes`` table (segment_id, node_id, x_nm, y_nm, z_nm, radius_nm, parent_id,
 compartment). One object per segment: uint32 vertex count, uint32 edge count, float32 [n, 3] positions in
 nm (identity transform), uint32 [e, 2] edges (child, parent), then each vertex attribute in the order the
-``info`` lists them: ``radius`` float32, ``compartment`` uint8. Radius comes first so the float32 array
-stays 4-byte aligned (the viewer reads attributes as typed arrays in place).
+``info`` lists them: ``radius`` float32, ``compartment`` float32 (the code). The compartment is float32, not
+uint8, because Neuroglancer's WebGL skeleton renderer rejects uint8 vertex attributes ("Data type not
+supported by WebGL: UINT8") and then drops the whole skeleton source, which the browser test caught.
 
 ``skeletons/info`` is always written: without it Neuroglancer fails the whole segmentation layer.
 Compartment codes follow SWC (0 unknown, 1 soma, 2 axon, 3 dendrite, 4 apical dendrite); other names get
@@ -33,7 +34,7 @@ def compartment_codes(names: pd.Series | None) -> dict[str, int]:
         for name in extra:
             codes[name] = len(codes)
     if len(codes) > 255:
-        raise ConnectomeError(f"too many compartment names ({len(codes)}) for a uint8 vertex attribute")
+        raise ConnectomeError(f"too many compartment names ({len(codes)}); at most 256 are supported")
     return codes
 
 
@@ -54,16 +55,16 @@ def encode_skeleton(nodes: pd.DataFrame, codes: Mapping[str, int]) -> bytes:
         else np.zeros(len(nodes), np.float32)
     )
     if "compartment" in nodes:
-        comp = nodes["compartment"].map(lambda c: codes.get(str(c), 0) if pd.notna(c) else 0).to_numpy(np.uint8)
+        comp = nodes["compartment"].map(lambda c: codes.get(str(c), 0) if pd.notna(c) else 0).to_numpy(np.float32)
     else:
-        comp = np.zeros(len(nodes), np.uint8)
+        comp = np.zeros(len(nodes), np.float32)
     header = np.asarray([len(vertices), len(edge_arr)], dtype="<u4").tobytes()
     return (
         header
         + vertices.astype("<f4").tobytes()
         + edge_arr.astype("<u4").tobytes()
         + radius.astype("<f4").tobytes()
-        + comp.tobytes()
+        + comp.astype("<f4").tobytes()
     )
 
 
@@ -73,7 +74,7 @@ def skeleton_info(codes: Mapping[str, int], sharding: Mapping[str, Any] | None, 
         "transform": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
         "vertex_attributes": [
             {"id": "radius", "data_type": "float32", "num_components": 1},
-            {"id": "compartment", "data_type": "uint8", "num_components": 1},
+            {"id": "compartment", "data_type": "float32", "num_components": 1},
         ],
         "compartment_names": [name for name, _ in sorted(codes.items(), key=lambda kv: kv[1])],
     }

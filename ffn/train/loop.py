@@ -192,8 +192,7 @@ class Trainer:
         return train_step
 
     def learning_rate(self) -> float:
-        lr = self.optimizer.learning_rate
-        return float(np.asarray(lr))
+        return float(self.optimizer.learning_rate.numpy())  # a variable, or a tensor under a schedule
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     @property
@@ -214,7 +213,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self.model.save_weights(str(tmp / "model.weights.h5"))
-        np.savez(tmp / "optimizer.npz", *[np.asarray(v) for v in self.optimizer.variables])
+        np.savez(tmp / "optimizer.npz", *[v.numpy() for v in self.optimizer.variables])
         state = {"step": self.step, "examples": self.examples, "elapsed_s": self.elapsed_s,
                  "scalars": self.last_scalars, "ffn_config": self.ffn_config.to_json_dict()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -263,47 +262,55 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> dict[str, float]:
         """Train until ``max_steps`` (total, counting resumed steps) or ``max_wall_s``; returns the last scalars."""
-        import tensorflow as tf
-
         max_steps = self.config.max_steps if max_steps is None else max_steps
         csv_path = self.out / "scalars.csv"
         new_file = not csv_path.is_file()
         t_start = time.time()
         base_elapsed = self.elapsed_s
-        acc = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "n": 0}
-        t_window = time.time()
         with open(csv_path, "a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             if new_file:
                 writer.writeheader()
-            while self.step < max_steps:
-                x, y = self.next_batch()
-                loss, logits, tp, fp, fn = self._train_step(tf.constant(x), tf.constant(y))
-                self.write_back(logits.numpy())
-                self.step += 1
-                self.elapsed_s = base_elapsed + time.time() - t_start
-                acc["loss"] += float(loss)
-                acc["tp"] += float(tp)
-                acc["fp"] += float(fp)
-                acc["fn"] += float(fn)
-                acc["n"] += 1
-                if self.step % self.config.log_every == 0 or self.step == max_steps:
-                    now = time.time()
-                    self.last_scalars = _scalars(acc, self.step, self.learning_rate(), self.elapsed_s,
-                                                 acc["n"] / max(now - t_window, 1e-9))
-                    writer.writerow(self.last_scalars)
-                    fh.flush()
-                    self.log("step {step} loss {loss:.4f} P {precision:.3f} R {recall:.3f} F1 {f1:.3f} "
-                             "({steps_per_s:.2f} steps/s, {elapsed_s:.0f} s)".format(**self.last_scalars))
-                    acc = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "n": 0}
-                    t_window = now
-                out_of_time = self.config.max_wall_s is not None and time.time() - t_start >= self.config.max_wall_s
-                if self.step % self.config.checkpoint_every == 0 or self.step == max_steps or out_of_time:
-                    self.save()
-                if out_of_time:
-                    self.log(f"train: stopping after max_wall_s={self.config.max_wall_s} at step {self.step}")
-                    break
+            try:
+                self._loop(max_steps, writer, fh, t_start, base_elapsed)
+            except KeyboardInterrupt:
+                self.save()  # an interrupted run resumes from where it stopped
+                self.log(f"train: interrupted, checkpoint at step {self.step}")
+                raise
         return self.last_scalars
+
+    def _loop(self, max_steps: int, writer, fh, t_start: float, base_elapsed: float) -> None:
+        import tensorflow as tf
+
+        acc = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "n": 0}
+        t_window = time.time()
+        while self.step < max_steps:
+            x, y = self.next_batch()
+            loss, logits, tp, fp, fn = self._train_step(tf.constant(x), tf.constant(y))
+            self.write_back(logits.numpy())
+            self.step += 1
+            self.elapsed_s = base_elapsed + time.time() - t_start
+            acc["loss"] += float(loss)
+            acc["tp"] += float(tp)
+            acc["fp"] += float(fp)
+            acc["fn"] += float(fn)
+            acc["n"] += 1
+            if self.step % self.config.log_every == 0 or self.step == max_steps:
+                now = time.time()
+                self.last_scalars = _scalars(acc, self.step, self.learning_rate(), self.elapsed_s,
+                                             acc["n"] / max(now - t_window, 1e-9))
+                writer.writerow(self.last_scalars)
+                fh.flush()
+                self.log("step {step} loss {loss:.4f} P {precision:.3f} R {recall:.3f} F1 {f1:.3f} "
+                         "({steps_per_s:.2f} steps/s, {elapsed_s:.0f} s)".format(**self.last_scalars))
+                acc = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "n": 0}
+                t_window = now
+            out_of_time = self.config.max_wall_s is not None and time.time() - t_start >= self.config.max_wall_s
+            if self.step % self.config.checkpoint_every == 0 or self.step == max_steps or out_of_time:
+                self.save()
+            if out_of_time:
+                self.log(f"train: stopping after max_wall_s={self.config.max_wall_s} at step {self.step}")
+                break
 
 
 def _scalars(acc: dict, step: int, lr: float, elapsed: float, rate: float) -> dict[str, float]:

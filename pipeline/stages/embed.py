@@ -154,3 +154,25 @@ def export_table(table: pd.DataFrame, export_dir: str | Path, *, num_shards: int
     records = ((int(sid), g["node_id"].to_numpy(), g[["x_nm", "y_nm", "z_nm"]].to_numpy(),
                 g[cols].to_numpy(np.float32)) for sid, g in table.groupby("segment_id", sort=True))
     return write_csv_zips(export_dir, records, num_shards=num_shards, model=model)
+
+
+def run_aggregate(work_dir: str | Path, *, radius_nm: float, export_dir: str | Path | None = None,
+                  num_shards: int = 8, model: str = "") -> pd.DataFrame:
+    """Mean embedding over a geodesic radius around every embedded node (segclr.aggregation; R = 0: unchanged),
+    saved as ``<work_dir>/embeddings_agg<R>nm.parquet`` and optionally exported like the released ``agg10um``."""
+    from pipeline.stages.skeletonize import SKELETONS_FILE
+    from segclr.aggregation import aggregate_table
+
+    work_dir = Path(work_dir)
+    table = pd.read_parquet(work_dir / EMBEDDINGS_FILE)
+    skels = table_to_skeletons(pd.read_parquet(work_dir / SKELETONS_FILE))
+    cols = [c for c in table.columns if c.startswith("e") and c[1:].isdigit()]
+    out = table.copy()
+    if len(table):
+        out[cols] = aggregate_table(table, skels, radius_nm)
+    path = work_dir / f"embeddings_agg{int(radius_nm)}nm.parquet"
+    out.to_parquet(str(path) + ".tmp", index=False)
+    os.replace(str(path) + ".tmp", path)
+    if export_dir is not None:
+        export_table(out, export_dir, num_shards=num_shards, model=model)
+    return out

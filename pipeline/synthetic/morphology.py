@@ -5,9 +5,9 @@ object is the same whichever block asks for it. A block gathers every super-cell
 (`MAX_REACH_NM`), first as cheap coarse control points, and densifies only the objects that touch the block.
 
 Morphology (not brightness) tells the types apart:
-- axon: thin (30-55 nm), long, gently curving, with varicosities (boutons, 110-200 nm) every 1-2 um, rarely branched;
-- smooth_dendrite: 160-280 nm tapering, branched, no spines, many mitochondria;
-- spiny_dendrite: 200-340 nm tapering, spines every ~0.6 um (thin neck 30-45 nm, head 110-230 nm);
+- axon: thin (35-70 nm), long, gently curving, with varicosities (boutons, 130-260 nm) every 0.8-2 um, rarely branched;
+- smooth_dendrite: 200-350 nm tapering, branched, no spines, many mitochondria;
+- spiny_dendrite: 250-420 nm tapering, spines every ~0.6 um (thin neck 28-45 nm, head 110-230 nm);
 - glia: bushy, wiggly, many short side processes; fills the gaps between neurites (sheet-like processes);
 - soma (neurons with a cell body): a ball of 2-3.5 um with 3-6 primary dendrites, in a coarser grid.
 """
@@ -27,8 +27,8 @@ KIND_CELL, KIND_SOMA_CELL = 11, 12
 AXON, DEND = COMPARTMENTS["axon"], COMPARTMENTS["dendrite"]
 SOMA, GLIA = COMPARTMENTS["soma"], COMPARTMENTS["glia"]
 
-MAX_RADIUS_NM = 400.0          # largest node radius (thick dendrite, big bouton)
-MAX_REACH_NM = 7500.0          # no node is farther than this from its super-cell's box (somata: see soma reach)
+MAX_RADIUS_NM = 450.0          # largest node radius (thick dendrite, big bouton)
+MAX_REACH_NM = 6500.0          # no node is farther than this from its super-cell's box (somata: see soma reach)
 SOMA_REACH_NM = 3500.0 + 6000.0 + 2500.0 + 1500.0
 MAX_SOMA_RADIUS_NM = 3500.0
 
@@ -74,15 +74,14 @@ def _perp(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
 
 
 def _walk(rng, start, direction, length, step, wiggle) -> np.ndarray:
-    """Persistent random walk: control points every `step` nm, direction perturbed by `wiggle` (radians-ish)."""
+    """Persistent random walk: control points every ~`step` nm, the direction drifting by `wiggle` per step."""
     n = max(2, int(length / step) + 1)
+    d0 = _unit(np.asarray(direction, float))
+    dirs = d0 + np.cumsum(rng.normal(size=(n - 1, 3)) * wiggle, axis=0)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     pts = np.empty((n, 3))
     pts[0] = start
-    d = _unit(np.asarray(direction, float))
-    kicks = rng.normal(size=(n, 3)) * wiggle
-    for k in range(1, n):
-        d = _unit(d + kicks[k])
-        pts[k] = pts[k - 1] + d * step
+    pts[1:] = start + np.cumsum(dirs * step, axis=0)
     return pts
 
 
@@ -95,16 +94,18 @@ def _two_way_path(rng, anchor, length_each, step, wiggle) -> np.ndarray:
 
 def _beaded_radius(rng, n, step, base, bead_r, spacing) -> tuple[np.ndarray, np.ndarray]:
     s = np.arange(n) * step
+    gaps = rng.uniform(*spacing, size=int(s[-1] / spacing[0]) + 2)
+    centres = rng.uniform(0, spacing[0]) + np.concatenate([[0.0], np.cumsum(gaps)])
+    centres = centres[centres < s[-1]]
+    rb = rng.uniform(*bead_r, size=len(centres))
+    width = 0.6 * rb * rng.uniform(0.8, 1.3, size=len(centres))
+    k = np.clip(np.rint(centres / step).astype(int), 0, n - 1)
     r = np.full(n, base)
+    if len(k):
+        bump = base + (rb - base)[:, None] * np.exp(-0.5 * ((s[None, :] - s[k][:, None]) / width[:, None]) ** 2)
+        r = np.maximum(r, bump.max(0))
     bouton = np.zeros(n, bool)
-    pos = rng.uniform(0, spacing[0])
-    while pos < s[-1]:
-        k = int(round(pos / step))
-        rb = rng.uniform(*bead_r)
-        width = rng.uniform(0.8, 1.3) * rb
-        r = np.maximum(r, base + (rb - base) * np.exp(-0.5 * ((s - s[k]) / (0.6 * width)) ** 2))
-        bouton[k] = True
-        pos += rng.uniform(*spacing)
+    bouton[k] = True
     return r, bouton
 
 
@@ -128,15 +129,15 @@ def _mitos_along(rng, pts, radius, per_um, step) -> list:
 
 def _axon(rng, anchor) -> Obj:
     step = 200.0
-    pts = _two_way_path(rng, anchor, rng.uniform(2000, 3800, 2), step, 0.12)
-    base = rng.uniform(30.0, 55.0)
-    r, bouton = _beaded_radius(rng, len(pts), step, base, (110.0, 200.0), (900.0, 2200.0))
+    pts = _two_way_path(rng, anchor, rng.uniform(1500, 3000, 2), step, 0.12)
+    base = rng.uniform(35.0, 70.0)
+    r, bouton = _beaded_radius(rng, len(pts), step, base, (130.0, 260.0), (800.0, 2000.0))
     chains = [Chain(pts, r, AXON, bouton=bouton)]
     if rng.random() < 0.3:
         k = int(rng.integers(1, len(pts) - 1))
         d = _unit(_unit(pts[k + 1] - pts[k]) + _perp(rng, _unit(pts[k + 1] - pts[k])) * 1.2)
-        bp = _walk(rng, pts[k], d, rng.uniform(800, 2000), step, 0.15)
-        br, bb = _beaded_radius(rng, len(bp), step, base * 0.9, (100.0, 180.0), (900.0, 2000.0))
+        bp = _walk(rng, pts[k], d, rng.uniform(700, 1500), step, 0.15)
+        br, bb = _beaded_radius(rng, len(bp), step, base * 0.9, (120.0, 220.0), (800.0, 2000.0))
         br[0] = r[k]
         bb[0] = False
         chains.append(Chain(bp, br, AXON, parent=(0, k), bouton=bb))
@@ -171,9 +172,9 @@ def _spines(rng, chain_index, pts, r, density_per_um, step) -> list[Chain]:
 
 def _dendrite(rng, anchor, spiny: bool, start_dir=None, length=None, r0=None, branches=True) -> list[Chain]:
     step = 250.0
-    r0 = r0 if r0 is not None else (rng.uniform(200, 340) if spiny else rng.uniform(160, 280))
+    r0 = r0 if r0 is not None else (rng.uniform(250, 420) if spiny else rng.uniform(200, 350))
     if start_dir is None:
-        pts = _two_way_path(rng, anchor, rng.uniform(2000, 3500, 2), step, 0.08)
+        pts = _two_way_path(rng, anchor, rng.uniform(1800, 3000, 2), step, 0.08)
     else:
         pts = _walk(rng, anchor, start_dir, length, step, 0.08)
     taper = np.linspace(1.0, rng.uniform(0.6, 0.85), len(pts))
@@ -185,7 +186,7 @@ def _dendrite(rng, anchor, spiny: bool, start_dir=None, length=None, r0=None, br
             k = int(rng.integers(1, len(pts) - 1))
             t = _unit(pts[k + 1] - pts[k])
             d = _unit(t + _perp(rng, t) * rng.uniform(0.7, 1.5))
-            bp = _walk(rng, pts[k], d, rng.uniform(1000, 2500), step, 0.1)
+            bp = _walk(rng, pts[k], d, rng.uniform(800, 1800), step, 0.1)
             br = r[k] * np.linspace(0.75, 0.5, len(bp))
             br[0] = r[k]
             chains.append(Chain(bp, br, DEND, parent=(0, k)))
@@ -223,30 +224,42 @@ def _object_bounds(obj: Obj) -> None:
     obj.hi = allp.max(0) + MAX_RADIUS_NM
 
 
-@lru_cache(maxsize=4096)
-def cell_objects(seed: int, cell_nm: float, counts: tuple[float, float, float, float], cz: int, cy: int, cx: int
-                 ) -> tuple[Obj, ...]:
-    """The objects seeded in super-cell (cz, cy, cx): a pure function of its arguments."""
+# how far (nm) a node can be from its object's anchor, per type (see the generators above)
+TYPE_REACH_NM = {"axon": 3000.0 + 1500.0, "glia": 150.0 + 2600.0 + 600.0 + 120.0,
+                 "spiny_dendrite": 3000.0 + 1800.0 + 1500.0, "smooth_dendrite": 3000.0 + 1800.0}
+TYPES_IN_CELL = ("axon", "spiny_dendrite", "smooth_dendrite", "glia")
+
+
+@lru_cache(maxsize=8192)
+def cell_anchors(seed: int, cell_nm: float, counts: tuple[float, float, float, float], cz: int, cy: int, cx: int
+                 ) -> tuple[tuple[str, np.ndarray], ...]:
+    """(type, anchor) of every object seeded in super-cell (cz, cy, cx); cheap, so blocks can skip far objects."""
     rng = rng_for(seed, KIND_CELL, cz, cy, cx)
     origin = np.array([cz, cy, cx], float) * cell_nm
-    n_ax, n_sp, n_sm, n_gl = (int(rng.poisson(c)) for c in counts)
-    objs: list[Obj] = []
-    for kind, n in (("axon", n_ax), ("spiny_dendrite", n_sp), ("smooth_dendrite", n_sm), ("glia", n_gl)):
+    ns = [int(rng.poisson(c)) for c in counts]
+    out = []
+    for kind, n in zip(TYPES_IN_CELL, ns):
         for _ in range(n):
-            anchor = origin + rng.uniform(0, cell_nm, 3)
-            sub = rng_for(seed, KIND_CELL, cz, cy, cx, len(objs))
-            if kind == "axon":
-                obj = _axon(sub, anchor)
-            elif kind == "glia":
-                obj = _glia(sub, anchor)
-            else:
-                spiny = kind == "spiny_dendrite"
-                chains = _dendrite(sub, anchor, spiny)
-                obj = Obj(0, kind, chains, mitos=_mitos_along(sub, chains[0].points, chains[0].radius, 0.9, 250.0))
-            obj.key = (hash_key(seed, KIND_CELL, cz, cy, cx, len(objs)) >> 12) | 1
-            _object_bounds(obj)
-            objs.append(obj)
-    return tuple(objs)
+            out.append((kind, origin + rng.uniform(0, cell_nm, 3)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=65536)
+def cell_object(seed: int, cell_nm: float, counts: tuple[float, float, float, float], cz: int, cy: int, cx: int,
+                index: int) -> Obj:
+    """Object `index` of super-cell (cz, cy, cx): a pure function of its arguments."""
+    kind, anchor = cell_anchors(seed, cell_nm, counts, cz, cy, cx)[index]
+    sub = rng_for(seed, KIND_CELL, cz, cy, cx, index)
+    if kind == "axon":
+        obj = _axon(sub, anchor)
+    elif kind == "glia":
+        obj = _glia(sub, anchor)
+    else:
+        chains = _dendrite(sub, anchor, kind == "spiny_dendrite")
+        obj = Obj(0, kind, chains, mitos=_mitos_along(sub, chains[0].points, chains[0].radius, 0.9, 250.0))
+    obj.key = (hash_key(seed, KIND_CELL, cz, cy, cx, index) >> 12) | 1
+    _object_bounds(obj)
+    return obj
 
 
 @lru_cache(maxsize=1024)
@@ -265,7 +278,7 @@ def soma_object(seed: int, soma_cell_nm: float, probability: float, cz: int, cy:
         d = _random_dir(rng)
         start = centre + d * radius * 0.8
         sub = _dendrite(rng, start, spiny, start_dir=d, length=rng.uniform(3000, 6000),
-                        r0=rng.uniform(300, 400), branches=True)
+                        r0=rng.uniform(350, 450), branches=True)
         off = len(chains)
         for i, c in enumerate(sub):
             if c.parent is None:
@@ -288,7 +301,11 @@ def objects_near(params: SynthParams, lo_nm: np.ndarray, hi_nm: np.ndarray) -> l
     hi_c = np.floor((hi_nm + MAX_REACH_NM) / c).astype(int)
     out = []
     for cz, cy, cx in itertools.product(*(range(a, b + 1) for a, b in zip(lo_c, hi_c))):
-        for obj in cell_objects(params.seed, c, counts, cz, cy, cx):
+        for index, (kind, anchor) in enumerate(cell_anchors(params.seed, c, counts, cz, cy, cx)):
+            reach = TYPE_REACH_NM[kind] + MAX_RADIUS_NM
+            if np.any(anchor < lo_nm - reach) or np.any(anchor > hi_nm + reach):
+                continue
+            obj = cell_object(params.seed, c, counts, cz, cy, cx, index)
             if np.all(obj.hi > lo_nm) and np.all(obj.lo < hi_nm):
                 out.append(obj)
     if params.soma_probability > 0:

@@ -29,14 +29,14 @@ class SynthParams:
 
     # --- morphology -------------------------------------------------------------------------------
     cell_nm: float = 2500.0                 # side of the super-cells objects are seeded in
-    axons_per_cell: float = 7.0             # Poisson means per super-cell
-    spiny_per_cell: float = 0.7
-    smooth_per_cell: float = 0.45
-    glia_per_cell: float = 0.3
+    axons_per_cell: float = 40.0             # Poisson means per super-cell
+    spiny_per_cell: float = 1.4
+    smooth_per_cell: float = 0.9
+    glia_per_cell: float = 1.0
     soma_cell_nm: float = 12000.0           # somata are seeded in a coarser grid
     soma_probability: float = 0.35
     core_nm: float = 30.0                   # every object is a core set grown by core_nm + gap_nm
-    gap_nm: float = 30.0                    # how far membranes sit outside the nominal radius (packing)
+    gap_nm: float = 90.0                    # how far membranes sit outside the nominal radius (packing)
     glia_fill_nm: float = 150.0             # glia fill interstices up to this far (sheet-like processes)
 
     # --- synapses ---------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ class SynthParams:
     noise_sigma: float = 11.0
     blur_nm: float = 7.0                    # point-spread in XY; Z blur follows the section thickness
     mito_per_um: float = 0.35               # mitochondria per micron of dendrite (axons: a third of it)
-    vesicles_per_bouton: int = 120
+    vesicles_per_bouton: int = 60
 
     # --- section artefacts (per z section, deterministic) -----------------------------------------
     missing_section_probability: float = 0.01

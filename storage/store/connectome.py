@@ -165,6 +165,8 @@ class Connectome:
 
     def __init__(self, backend):
         self.backend = backend
+        # Facts about a committed version never change (versions are immutable), so they are cached per version.
+        self._cache: dict[tuple, object] = {}
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
@@ -210,12 +212,25 @@ class Connectome:
         return versions.resolve(self.backend, version)
 
     # ------------------------------------------------------------ helpers
+    def _cached(self, key: tuple, compute):
+        if key not in self._cache:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def _systems(self, v: int) -> list[str]:
+        def compute():
+            q = Sql(self.backend.dialect)
+            df = self.backend.query(
+                f"SELECT DISTINCT classification_system AS s FROM cell_types c WHERE {q.visible('c', v)} ORDER BY s",
+                q.params)
+            return [str(x) for x in df["s"]]
+
+        return self._cached(("systems", v), compute)
+
     def _system(self, v: int, system: str | None) -> str | None:
-        q = Sql(self.backend.dialect)
-        df = self.backend.query(
-            f"SELECT DISTINCT classification_system AS s FROM cell_types c WHERE {q.visible('c', v)} ORDER BY s",
-            q.params)
-        systems = list(df["s"])
+        systems = self._systems(v)
         if system is not None:
             if not isinstance(system, str):
                 raise QueryError(f"classification_system must be a string, got {system!r}")
@@ -255,17 +270,23 @@ class Connectome:
     def _check_types(self, v: int, types: list[str], system: str | None, what: str) -> None:
         if not types:
             return
-        known = set(self.cell_type_counts(version=v, classification_system=system)["cell_type"])
+        known = self._cached(("types", v, system), lambda: set(
+            self.cell_type_counts(version=v, classification_system=system)["cell_type"]))
         missing = [t for t in types if t not in known]
         if missing:
             raise QueryError(f"unknown {what} {missing!r} at version {v} (known: {sorted(known)})")
 
-    def _fragments(self, v: int, ids: list[int]) -> list[int]:
+    def _fragments(self, v: int, ids: list[int], what: str | None = None) -> list[int]:
+        """Fragments of these segments at v; with ``what``, unknown segments raise QueryError (one round trip
+        when every segment has fragments, the common case)."""
         q = Sql(self.backend.dialect)
         df = self.backend.query(
-            f"SELECT i.fragment_id FROM id_map i WHERE {q.visible('i', v)} AND {q.in_list('i.segment_id', ids)} "
-            f"ORDER BY i.fragment_id", q.params)
-        return [int(x) for x in df["fragment_id"]]
+            f"SELECT i.segment_id, i.fragment_id FROM id_map i WHERE {q.visible('i', v)} AND "
+            f"{q.in_list('i.segment_id', ids)}", q.params)
+        if what is not None:
+            missing = sorted(set(ids) - {int(x) for x in df["segment_id"]})
+            self._check_segments(v, missing, what)
+        return sorted(int(x) for x in df["fragment_id"])
 
     # ------------------------------------------------------------ cells
     def cells(self, cell_type: str | Iterable[str] | None = None, min_voxels: float | None = None,
@@ -342,7 +363,9 @@ class Connectome:
         # The most selective side drives the scan: explicit ids use the fragment index.
         if pre or post:
             side, ids = ("pre", pre) if pre else ("post", post)
-            frags = self._fragments(v, ids)
+            frags = self._fragments(v, ids, side)
+            if pre and post:
+                self._fragments(v, post, "post")
             col = f"s.{side}_fragment_id"
             if not frags:
                 base = f"SELECT s.* FROM synapses s WHERE FALSE"
@@ -402,8 +425,6 @@ class Connectome:
         limit = _as_limit(limit)
         cursor = _as_id(after, "after") if after is not None else None
         system = self._system(v, classification_system) if (pre_types or post_types) else self._system_quiet(v, classification_system)
-        self._check_segments(v, pre_ids, "pre")
-        self._check_segments(v, post_ids, "post")
         self._check_types(v, pre_types, system, "pre_type")
         self._check_types(v, post_types, system, "post_type")
         q = Sql(self.backend.dialect)
@@ -436,7 +457,6 @@ class Connectome:
             raise QueryError(f"direction must be 'out' or 'in', got {direction!r}")
         n_min = int(_as_number(min_synapses, "min_synapses"))
         system = self._system_quiet(v, classification_system)
-        self._check_segments(v, [seg], "segment_id")
         q = Sql(self.backend.dialect)
         kw = dict(pre=[seg], post=[]) if direction == "out" else dict(pre=[], post=[seg])
         inner = self._synapse_select(q, v, pre_types=[], post_types=[], bbox=None, min_score=None,
@@ -544,6 +564,4 @@ class Connectome:
     def fragments(self, segment_id, *, version=None) -> list[int]:
         """Fragment (supervoxel) ids of a segment at a version."""
         v = self._v(version)
-        seg = _as_id(segment_id, "segment_id")
-        self._check_segments(v, [seg], "segment_id")
-        return self._fragments(v, [seg])
+        return self._fragments(v, [_as_id(segment_id, "segment_id")], "segment_id")

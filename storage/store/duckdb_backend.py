@@ -19,8 +19,8 @@ import pyarrow as pa
 from storage.errors import ConnectomeError
 from storage.store import schema
 
-# Point lookups on these columns use DuckDB ART indexes; everything else is a columnar scan with zone maps.
-DUCKDB_INDEXES = (("synapses", "pre_fragment_id"), ("synapses", "post_fragment_id"))
+# Physical order of tables after a load (zone maps then prune row groups for lookups on the leading column).
+CLUSTER_ORDER = {"synapses": ("pre_fragment_id", "synapse_id")}
 
 _names = itertools.count()
 
@@ -96,7 +96,7 @@ class DuckDBBackend:
         return self._cur().execute(sql, params or None).df()
 
     def query_arrow(self, sql: str, params: dict | None = None) -> pa.Table:
-        return self._cur().execute(sql, params or None).to_arrow_table()
+        return self._cur().sql(sql, params=params or None).to_arrow_table()
 
     def execute(self, sql: str, params: dict | None = None) -> None:
         self._cur().execute(sql, params or None)
@@ -122,8 +122,19 @@ class DuckDBBackend:
     def init_schema(self) -> None:
         for stmt in schema.ddl("duckdb"):
             self._db.execute(stmt)
-        for table, column in DUCKDB_INDEXES:
-            self._db.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_{column} ON {table} ({column})")
+
+    def cluster(self, table: str) -> None:
+        """Rewrite a table in its CLUSTER_ORDER so lookups on the leading column read one or two row groups.
+
+        Same rows, new physical order, one transaction (readers keep seeing the old copy until it commits)."""
+        order = ", ".join(CLUSTER_ORDER[table])
+        tmp = f"{table}__clustered"
+        with self.transaction() as tx:
+            tx.execute(f"DROP TABLE IF EXISTS {tmp}")
+            tx.execute(schema.create_table_sql(schema.TABLES[table], "duckdb", tmp))
+            tx.execute(f"INSERT INTO {tmp} SELECT * FROM {table} ORDER BY {order}")
+            tx.execute(f"DROP TABLE {table}")
+            tx.execute(f"ALTER TABLE {tmp} RENAME TO {table}")
 
     def close(self) -> None:
         try:

@@ -49,7 +49,8 @@ def _read(store, name: str, sql: str, arrow_schema: pa.Schema) -> pa.Table:
     raw = backend.copy_out_csv(sql)
     types = {f.name: f.type for f in arrow_schema}
     table = pacsv.read_csv(io.BytesIO(raw), convert_options=pacsv.ConvertOptions(
-        column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False))
+        column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False,
+        true_values=["t", "true"], false_values=["f", "false"]))
     return table.select(arrow_schema.names).cast(arrow_schema)
 
 
@@ -165,3 +166,5 @@ def import_store(store, directory: Path, chunk_rows: int = 1_000_000) -> None:
                 tx.insert_arrow(name, table.slice(start, chunk_rows))
     if backend.dialect == "postgres":
         backend.execute("ANALYZE")
+    else:
+        backend.cluster("synapses")

@@ -71,6 +71,7 @@ class _PgTx:
     def stage(self, name: str, like: str, data: pa.Table) -> str:
         self.conn.execute(f"CREATE TEMP TABLE {name} (LIKE {like}) ON COMMIT DROP")
         self.insert_arrow(name, data)
+        self.conn.execute(f"ANALYZE {name}")  # without statistics the planner picks nested loops over it
         return name
 
 

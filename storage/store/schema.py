@@ -228,7 +228,9 @@ EDITS = _table(Table(
 # Tables whose rows writers load in batches.
 WRITABLE = ("segments", "cell_types", "skeleton_nodes", "synapses", "embeddings", "id_map")
 
-# Secondary indexes: (table, column). DuckDB uses ART indexes for point lookups; PostgreSQL b-trees.
+# PostgreSQL b-tree indexes: (table, column). DuckDB gets none: it answers from zone maps (min/max per row group)
+# of physically ordered data instead (see DuckDBBackend.cluster), since its ART indexes are not used for scans
+# with more than one filter.
 INDEXES: tuple[tuple[str, str], ...] = (
     ("synapses", "pre_fragment_id"),
     ("synapses", "post_fragment_id"),
@@ -245,13 +247,16 @@ INDEXES: tuple[tuple[str, str], ...] = (
 SCHEMA_VERSION = 1
 
 
+def create_table_sql(table: Table, dialect: str, name: str | None = None) -> str:
+    i = 0 if dialect == "duckdb" else 1
+    cols = ", ".join(f"{c.name} {TYPES[c.type][i]}{'' if c.nullable else ' NOT NULL'}" for c in table.columns)
+    return f"CREATE TABLE IF NOT EXISTS {name or table.name} ({cols})"
+
+
 def ddl(dialect: str) -> list[str]:
     """CREATE TABLE statements for 'duckdb' or 'postgres'."""
     i = 0 if dialect == "duckdb" else 1
-    out = []
-    for t in TABLES.values():
-        cols = ", ".join(f"{c.name} {TYPES[c.type][i]}{'' if c.nullable else ' NOT NULL'}" for c in t.columns)
-        out.append(f"CREATE TABLE IF NOT EXISTS {t.name} ({cols})")
+    out = [create_table_sql(t, dialect) for t in TABLES.values()]
     out.append("CREATE TABLE IF NOT EXISTS store_meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
                if i == 0 else "CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT)")
     return out

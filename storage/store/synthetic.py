@@ -13,8 +13,10 @@ CELL_TYPES = ("pyramidal", "basket", "chandelier", "martinotti", "stellate", "gr
 
 
 def synthetic_connectome(n_cells: int = 200, n_synapses: int = 2000, *, fragments_per_segment: int = 2,
-                         seed: int = 0, extent_nm: int = 200_000) -> dict[str, pa.Table]:
+                         seed: int = 0, extent_nm: int = 200_000, points: bool = True) -> dict[str, pa.Table]:
     """Input tables for the writers: segments, cell_types, id_map (if fragments), synapses, skeleton_nodes.
+
+    ``points=False`` leaves out the pre/post points (smaller tables for benchmarks).
 
     Segment ids are 1..n_cells. With ``fragments_per_segment`` > 0, segment s owns fragments
     s*1000+1 .. s*1000+k and synapses reference fragments; with 0 they reference segment ids directly.
@@ -52,6 +54,9 @@ def synthetic_connectome(n_cells: int = 200, n_synapses: int = 2000, *, fragment
         "score": rng.random(n_synapses).astype(np.float32),
         "valid": rng.random(n_synapses) < 0.97,
     }
+    if not points:  # lean tables for large benchmarks
+        for k in [k for k in syn if k.startswith(("pre_", "post_"))]:
+            del syn[k]
     out = {"segments": segments, "cell_types": cell_types}
     if fragments_per_segment > 0:
         k = fragments_per_segment

@@ -187,6 +187,11 @@ class ConnectomeStore(Connectome):
         """Make a pending version readable (and the default for queries)."""
         if versions.status_of(self.backend, version) != "pending":
             raise ConnectomeError(f"cannot commit version {version}: it is {versions.status_of(self.backend, version)}")
+        if self.backend.dialect == "duckdb":
+            wrote = self.backend.query("SELECT count(*) AS n FROM load_batches WHERE version = $v AND "
+                                       "table_name = 'synapses'", {"v": int(version)})["n"].iloc[0]
+            if wrote:
+                self.backend.cluster("synapses")
         with self.backend.transaction() as tx:
             versions.commit(tx, version)
         if self.backend.dialect == "postgres":
@@ -235,6 +240,14 @@ class ConnectomeStore(Connectome):
             except ConnectionLost:
                 if attempt == RETRIES - 1:
                     raise
+            except ConnectomeError:
+                raise
+            except Exception as exc:
+                if not type(exc).__module__.startswith(("duckdb", "psycopg", "_duckdb")):
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConnectomeError(f"write_{table_name}: batch of {rows.num_rows} rows rejected at version {v} "
+                                      f"({first}); nothing of this batch was stored") from None
         if auto:
             self.commit(v)
         return n
@@ -280,19 +293,20 @@ class ConnectomeStore(Connectome):
         return rows.num_rows
 
     def _identity_rows(self, tx, identity: pa.Table, v: int) -> None:
+        """Segments of a segment-id synapse batch that have no fragment become their own fragment."""
         staged = tx.stage(f"ids_{next(_stage_names)}", "id_map", identity)
-        unmapped = (f"NOT EXISTS (SELECT 1 FROM id_map s WHERE s.segment_id = b.segment_id AND "
-                    "s.version_to IS NULL)")
-        clash = tx.query(f"SELECT b.fragment_id, m.segment_id FROM {staged} b JOIN id_map m ON "
-                         f"m.fragment_id = b.fragment_id WHERE m.version_to IS NULL AND m.segment_id <> b.segment_id "
-                         f"AND {unmapped} ORDER BY b.fragment_id LIMIT 5")
+        need = (f"need AS (SELECT b.* FROM {staged} b WHERE b.segment_id NOT IN "
+                "(SELECT segment_id FROM id_map WHERE version_to IS NULL))")
+        clash = tx.query(f"WITH {need} SELECT n.fragment_id, m.segment_id FROM need n JOIN id_map m ON "
+                         "m.fragment_id = n.fragment_id WHERE m.version_to IS NULL AND m.segment_id <> n.segment_id "
+                         "ORDER BY n.fragment_id LIMIT 5")
         if not clash.empty:
             pairs = [(int(a), int(b)) for a, b in zip(clash["fragment_id"], clash["segment_id"])]
             raise ConnectomeError(
                 f"write_synapses: segment ids {[a for a, _ in pairs]} have no fragments in the id map but are fragment "
                 f"ids of other segments {[b for _, b in pairs]}; pass pre_fragment_id/post_fragment_id instead")
         cols = ", ".join(schema.TABLES["id_map"].column_names)
-        tx.execute(f"INSERT INTO id_map ({cols}) SELECT {cols} FROM {staged} b WHERE {unmapped}")
+        tx.execute(f"INSERT INTO id_map ({cols}) WITH {need} SELECT {cols} FROM need")
 
     def write_segments(self, data, version=None, *, key: str | None = None) -> int:
         """Segments: segment_id (required), voxel_count, bbox_min/max_{x,y,z}_nm (max exclusive),

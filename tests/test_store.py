@@ -1,0 +1,329 @@
+"""Connectome store: the same query, edit and error tests on DuckDB and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from storage import Connectome
+from storage.errors import ConnectomeError, QueryError
+from storage.store import ConnectomeStore, morton, schema
+from storage.store.synthetic import pandas_reference, synthetic_connectome
+
+N_CELLS, N_SYN = 120, 3000
+HOSTILE = "x'; DROP TABLE synapses; --"
+
+
+def load(store: ConnectomeStore, tables: dict, batches: int = 3) -> int:
+    with store.loading("synthetic") as v:
+        for name in ("segments", "cell_types", "id_map", "skeleton_nodes"):
+            if name in tables:
+                getattr(store, f"write_{name}")(tables[name], version=v)
+        syn = tables["synapses"]
+        step = -(-syn.num_rows // batches)
+        for start in range(0, syn.num_rows, step):
+            store.write_synapses(syn.slice(start, step), version=v)
+    return v
+
+
+def new_store(request, tmp_path, name="store") -> ConnectomeStore:
+    if request.param == "duckdb":
+        return ConnectomeStore.create(tmp_path / f"{name}.duckdb", threads=1)
+    server = request.getfixturevalue("postgres_server")
+    return ConnectomeStore.create(server.new_database())
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_store(request, tmp_path):
+    store = new_store(request, tmp_path)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return synthetic_connectome(N_CELLS, N_SYN, fragments_per_segment=2, seed=3)
+
+
+@pytest.fixture(scope="module", params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def loaded(request, tmp_path_factory, tables):
+    """A store loaded once per module and backend, for read-only tests."""
+    tmp = tmp_path_factory.mktemp(f"store-{request.param}")
+    store = new_store(request, tmp)
+    load(store, tables)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tables):
+    return pandas_reference(tables)
+
+
+# ------------------------------------------------------------------ schema and Morton keys
+
+def test_schema_has_every_design_table_with_typed_positions():
+    for name in ("segments", "cell_types", "skeleton_nodes", "synapses", "embeddings", "edits", "versions", "id_map"):
+        assert name in schema.TABLES
+    syn = schema.SYNAPSES
+    assert syn.column("x_nm").type == "pos" and syn.column("morton").type == "int"
+    assert all("INTEGER" in s or "BIGINT" in s for s in schema.ddl("postgres")[:1] + schema.ddl("duckdb")[:1])
+    assert "| pre_fragment_id | BIGINT |" in schema.markdown()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(*[st.integers(0, 60_000)] * 3), st.tuples(*[st.integers(1, 30_000)] * 3))
+def test_morton_box_ranges_cover_every_point_in_the_box(lo, size):
+    hi = tuple(a + s for a, s in zip(lo, size))
+    rng = np.random.default_rng(sum(lo))
+    pts = rng.integers(0, 100_000, (3, 3000))
+    keys = morton.encode(*pts)
+    inside = np.all([(pts[i] >= lo[i]) & (pts[i] < hi[i]) for i in range(3)], axis=0)
+    covered = np.zeros(len(keys), bool)
+    ranges = morton.box_ranges(lo, hi)
+    assert len(ranges) <= 64
+    for a, b in ranges:
+        covered |= (keys >= a) & (keys <= b)
+    assert not np.any(inside & ~covered)
+
+
+# ------------------------------------------------------------------ queries against a pandas reference
+
+def test_cells_filters_match_reference(loaded, reference):
+    cells, _ = reference
+    df = loaded.cells(cell_type="basket")
+    assert df.attrs["version"] == loaded.version
+    assert list(df["segment_id"]) == sorted(cells.loc[cells.cell_type == "basket", "segment_id"])
+    big = loaded.cells(min_voxels=500_000)
+    assert set(big["segment_id"]) == set(cells.loc[cells.voxel_count >= 500_000, "segment_id"])
+    some = loaded.cells(ids=[3, 1, 2])
+    assert list(some["segment_id"]) == [1, 2, 3] and some["segment_id"].dtype == np.uint64
+    counts = loaded.cell_type_counts()
+    ref = cells["cell_type"].value_counts()
+    assert dict(zip(counts["cell_type"], counts["n_cells"])) == ref.to_dict()
+
+
+def _valid(syn: pd.DataFrame) -> pd.DataFrame:
+    ok = syn.valid & (syn.pre_segment_id != syn.post_segment_id) & (syn.pre_segment_id != 0) & (syn.post_segment_id != 0)
+    return syn[ok]
+
+
+def test_synapse_filters_match_reference(loaded, reference):
+    cells, syn = reference
+    syn = _valid(syn)
+    df = loaded.synapses(pre=7)
+    assert list(df["synapse_id"]) == sorted(syn.loc[syn.pre_segment_id == 7, "synapse_id"])
+    assert (df["pre_segment_id"] == 7).all() and df["synapse_id"].is_monotonic_increasing
+    df = loaded.synapses(post=[7, 8], min_score=0.5)
+    want = syn[syn.post_segment_id.isin([7, 8]) & (syn.score >= 0.5)]
+    assert list(df["synapse_id"]) == sorted(want["synapse_id"])
+    types = cells.set_index("segment_id")["cell_type"]
+    df = loaded.synapses(pre_type="basket", post_type="pyramidal")
+    want = syn[(syn.pre_segment_id.map(types) == "basket") & (syn.post_segment_id.map(types) == "pyramidal")]
+    assert list(df["synapse_id"]) == sorted(want["synapse_id"]) and len(df) > 0
+    lo, hi = (40_000, 30_000, 20_000), (120_000, 150_000, 160_000)
+    df = loaded.synapses(bbox=(lo, hi))
+    inside = np.all([(syn[f"{a}_nm"] >= lo[i]) & (syn[f"{a}_nm"] < hi[i]) for i, a in enumerate("xyz")], axis=0)
+    assert list(df["synapse_id"]) == sorted(syn.loc[inside, "synapse_id"]) and len(df) > 0
+    everything = loaded.synapses(pre=7, valid_only=False)
+    assert len(everything) >= len(loaded.synapses(pre=7))
+
+
+def test_partners_and_connectivity_match_reference(loaded, reference):
+    cells, syn = reference
+    syn = _valid(syn)
+    out = loaded.partners(9, direction="out")
+    want = syn[syn.pre_segment_id == 9].groupby("post_segment_id").size()
+    assert dict(zip(out["partner_id"], out["n_synapses"])) == want.to_dict()
+    assert list(out["n_synapses"]) == sorted(out["n_synapses"], reverse=True)
+    inp = loaded.partners(9, direction="in", min_synapses=2)
+    want = syn[syn.post_segment_id == 9].groupby("pre_segment_id").size()
+    assert dict(zip(inp["partner_id"], inp["n_synapses"])) == want[want >= 2].to_dict()
+
+    types = cells.set_index("segment_id")["cell_type"].fillna("untyped")
+    m = loaded.connectivity(group_by="cell_type")
+    ref = syn.assign(pre=syn.pre_segment_id.map(types).fillna("untyped"),
+                     post=syn.post_segment_id.map(types).fillna("untyped")).groupby(["pre", "post"]).size()
+    assert m.attrs["version"] == loaded.version
+    for (a, b), n in ref.items():
+        assert m.loc[a, b] == n
+    assert m.to_numpy().sum() == len(syn)
+    norm = loaded.connectivity(normalize="post_total")
+    np.testing.assert_allclose(norm.sum(axis=0)[m.sum(axis=0) > 0], 1.0)
+    strong = loaded.connectivity(min_synapses=2)
+    pairs = syn.groupby(["pre_segment_id", "post_segment_id"]).size()
+    assert strong.to_numpy().sum() == pairs[pairs >= 2].sum()
+    seg = loaded.connectivity(group_by="segment", ids=[1, 2, 3, 4, 5, 6, 7, 8, 9])
+    sub = syn[syn.pre_segment_id.isin(range(1, 10)) & syn.post_segment_id.isin(range(1, 10))]
+    assert seg.to_numpy().sum() == len(sub)
+
+
+def test_pagination_is_deterministic_and_complete(loaded):
+    full = loaded.synapses(post_type="basket")
+    pages, after = [], None
+    while True:
+        page = loaded.synapses(post_type="basket", limit=37, after=after)
+        pages.append(page)
+        after = page.attrs["next_after"]
+        if after is None:
+            assert page.attrs["complete"]
+            break
+        assert not page.attrs["complete"] and len(page) == 37
+    joined = pd.concat(pages, ignore_index=True)
+    pd.testing.assert_frame_equal(joined, full.reset_index(drop=True), check_like=False)
+    first = loaded.cells(limit=10)
+    assert len(first) == 10 and first.attrs["next_after"] == int(first["segment_id"].iloc[-1])
+    assert int(loaded.cells(limit=10, after=first.attrs["next_after"])["segment_id"].iloc[0]) > 10 - 1
+
+
+# ------------------------------------------------------------------ errors and hostile input
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.synapses(pre=10**9), "unknown pre segment id"),
+    (lambda c: c.cells(ids=[1, 10**9]), "unknown ids segment id"),
+    (lambda c: c.partners(10**9), "unknown pre segment id"),
+    (lambda c: c.cells(cell_type="no-such-type"), "unknown cell type"),
+    (lambda c: c.cells(cell_type=HOSTILE), "unknown cell type"),
+    (lambda c: c.synapses(pre_type=HOSTILE), "unknown pre_type"),
+    (lambda c: c.cells(classification_system=HOSTILE), "unknown classification_system"),
+    (lambda c: c.synapses(pre=HOSTILE), "must be an integer"),
+    (lambda c: c.synapses(pre=-3), "out of range"),
+    (lambda c: c.synapses(bbox=((10, 10, 10), (5, 20, 20))), "empty"),
+    (lambda c: c.synapses(bbox="everything"), "bbox"),
+    (lambda c: c.synapses(limit=0), "limit"),
+    (lambda c: c.synapses(min_score="high"), "min_score"),
+    (lambda c: c.cells(version=999), "unknown version 999"),
+    (lambda c: c.partners(1, direction="sideways"), "direction"),
+    (lambda c: c.connectivity(group_by="colour"), "group_by"),
+    (lambda c: c.connectivity(normalize="pre_total"), "normalize"),
+])
+def test_bad_queries_raise_one_clear_query_error(loaded, call, message):
+    with pytest.raises(QueryError, match=message):
+        call(loaded)
+    assert loaded.backend.query("SELECT count(*) AS n FROM synapses")["n"].iloc[0] == N_SYN
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(min_size=1, max_size=40), number=st.one_of(st.integers(), st.floats(allow_nan=True), st.text()))
+def test_fuzzed_filter_values_are_data_never_sql(loaded, text, number):
+    for call in (lambda: loaded.cells(cell_type=text), lambda: loaded.synapses(post_type=[text, "basket"]),
+                 lambda: loaded.cells(min_voxels=number), lambda: loaded.synapses(pre=number),
+                 lambda: loaded.cell_type_counts(classification_system=text)):
+        try:
+            result = call()
+            assert isinstance(result, pd.DataFrame)
+        except QueryError:
+            pass
+    assert loaded.backend.query("SELECT count(*) AS n FROM synapses")["n"].iloc[0] == N_SYN
+
+
+def test_writer_rejects_bad_batches_with_clear_messages(empty_store):
+    with pytest.raises(ConnectomeError, match="unknown column"):
+        empty_store.write_segments(pd.DataFrame({"segment_id": [1], "colour": ["red"]}))
+    with pytest.raises(ConnectomeError, match="missing required"):
+        empty_store.write_cell_types(pd.DataFrame({"segment_id": [1]}))
+    with pytest.raises(ConnectomeError, match="2\\*\\*63"):
+        empty_store.write_segments(pa_table({"segment_id": np.array([2**63 + 5], np.uint64)}))
+    with pytest.raises(ConnectomeError, match="out of range"):
+        empty_store.write_synapses(pd.DataFrame({"synapse_id": [1], "pre_segment_id": [1], "post_segment_id": [2],
+                                                 "x_nm": [-5], "y_nm": [0], "z_nm": [0]}))
+
+
+def pa_table(cols):
+    import pyarrow as pa
+
+    return pa.table(cols)
+
+
+# ------------------------------------------------------------------ proofreading through the id map
+
+def test_merge_split_undo_make_versions_without_rewriting_synapses(empty_store, tables):
+    c = empty_store
+    v1 = load(c, tables)
+    syn_rows = c.backend.query("SELECT * FROM synapses ORDER BY synapse_id")
+    before_a, before_b = c.synapses(pre=5), c.synapses(pre=6)
+    type_a = c.cells(ids=5)["cell_type"].iloc[0]
+
+    merged = c.merge(5, 6, user="alice")
+    (new,) = merged.segments_after
+    assert merged.version == v1 + 1 and c.version == merged.version
+    after = c.synapses(pre=new)
+    # every synapse of 5 or 6 now comes from the merged cell, except the 5<->6 ones, which became autapses
+    autapses = set(before_a.loc[before_a.post_segment_id == 6, "synapse_id"]) | set(
+        before_b.loc[before_b.post_segment_id == 5, "synapse_id"])
+    assert set(after["synapse_id"]) == (set(before_a["synapse_id"]) | set(before_b["synapse_id"])) - autapses
+    assert set(c.synapses(pre=new, valid_only=False)["synapse_id"]) >= autapses
+    with pytest.raises(QueryError, match="unknown pre segment"):
+        c.synapses(pre=5)
+    pd.testing.assert_frame_equal(c.synapses(pre=5, version=v1), before_a)  # old version unchanged
+    merged_cell = c.cells(ids=new)
+    assert merged_cell["voxel_count"].iloc[0] == sum(c.cells(ids=[5, 6], version=v1)["voxel_count"])
+    assert merged_cell["cell_type"].iloc[0] in set(c.cells(ids=[5, 6], version=v1)["cell_type"])
+
+    frags = c.fragments(new)
+    assert frags == sorted(c.fragments(5, version=v1) + c.fragments(6, version=v1))
+    part_a = [f for f in frags if f // 1000 == 5]
+    part_b = [f for f in frags if f // 1000 == 6]
+    split = c.split(new, part_a, part_b, user="bob")
+    s_a, s_b = split.segments_after
+    assert set(c.synapses(pre=s_a)["synapse_id"]) == set(before_a["synapse_id"])
+    assert set(c.synapses(pre=s_b)["synapse_id"]) == set(before_b["synapse_id"])
+
+    undo1 = c.undo(user="bob")  # undoes the split
+    assert set(c.synapses(pre=new)["synapse_id"]) == set(after["synapse_id"])
+    undo2 = c.undo(user="bob")  # undoes the merge
+    pd.testing.assert_frame_equal(c.synapses(pre=5), before_a.assign())
+    assert c.cells(ids=5)["cell_type"].iloc[0] == type_a
+    with pytest.raises(QueryError, match="nothing to undo"):
+        c.undo()
+    log = c.edits()
+    assert list(log["kind"]) == ["merge", "split", "undo", "undo"]
+    assert list(log["user_name"]) == ["alice", "bob", "bob", "bob"]
+    assert list(c.versions()["kind"])[-4:] == ["merge", "split", "undo", "undo"]
+    assert undo2.version == c.version
+    # the synapse annotations themselves were never rewritten
+    pd.testing.assert_frame_equal(c.backend.query("SELECT * FROM synapses ORDER BY synapse_id"), syn_rows)
+
+
+def test_edit_errors(empty_store, tables):
+    c = empty_store
+    load(c, tables)
+    with pytest.raises(QueryError, match="itself"):
+        c.merge(4, 4)
+    with pytest.raises(QueryError, match="unknown segment"):
+        c.merge(4, 10**9)
+    with pytest.raises(QueryError, match="do not belong"):
+        c.split(4, [4001], [5001])
+    with pytest.raises(QueryError, match="empty"):
+        c.split(4, [4001, 4002], [])
+    with pytest.raises(QueryError, match="both parts"):
+        c.split(4, [4001, 4002], [4002])
+
+
+def test_segment_id_synapses_follow_representative_fragments(empty_store):
+    t = synthetic_connectome(30, 400, fragments_per_segment=0, seed=5)
+    load(empty_store, t, batches=2)
+    ref = pandas_reference(t)[1]
+    got = empty_store.synapses(pre=3, valid_only=False)
+    assert set(got["synapse_id"]) == set(ref.loc[ref.pre_segment_id == 3, "synapse_id"])
+    merged = empty_store.merge(3, 4)
+    assert len(empty_store.synapses(pre=merged.segments_after[0], valid_only=False)) == int(
+        ref.pre_segment_id.isin([3, 4]).sum())
+
+
+def test_versions_and_results_carry_version(empty_store, tables):
+    with pytest.raises(ConnectomeError, match="is empty|no committed|unknown"):
+        empty_store.synapses(pre=1)
+    v = load(empty_store, tables)
+    v2 = empty_store.begin_load("second")
+    with pytest.raises(QueryError, match="pending"):
+        empty_store.cells(version=v2)
+    assert empty_store.cells().attrs["version"] == v
+    with pytest.raises(ConnectomeError, match="still loading"):
+        empty_store.merge(1, 2)
+    empty_store.abort(v2)
+    assert empty_store.version == v
+    assert empty_store.connectivity().attrs["version"] == v
