@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "import-ffn": "import_ffn",
     "info": "info",
     "plan": "plan",
+    "publish": "publish",
     "query": "query",
     "segment": "segment",
     "train": "train",

@@ -217,10 +217,17 @@ class _BlockStream:
         return ids, values
 
     def _gather(self, finished: list, lost: list) -> list[Any]:
-        if not finished:
-            return []
+        # The scheduler reports each result's type; a block that returned None needs no round trip to fetch it
+        # (most writing stages return None or tiny metadata, so this halves the driver's traffic for them).
+        remote = [i for i, f in enumerate(finished) if f.type is not type(None)]
+        if not remote:
+            return [None] * len(finished)
         try:
-            return self.client.gather(finished)
+            fetched = self.client.gather([finished[i] for i in remote])
+            values: list[Any] = [None] * len(finished)
+            for i, v in zip(remote, fetched):
+                values[i] = v
+            return values
         except Exception:  # noqa: BLE001 - a result vanished between completion and gather; sort them out
             values, kept = [], []
             for f in finished:

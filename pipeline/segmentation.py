@@ -35,6 +35,9 @@ from storage.errors import ConfigError
 from storage.volume import create_volume, open_volume
 
 
+DEFAULT_CHUNK = (32, 64, 64)
+
+
 @dataclass
 class SegmentConfig:
     """What `connectome segment` needs.
@@ -55,11 +58,13 @@ class SegmentConfig:
     agglomerate: bool = True
     agglomeration: AgglomerationParams = field(default_factory=AgglomerationParams)
     pyramid_levels: int = 2
-    chunk_shape: tuple[int, int, int] = (32, 64, 64)
+    chunk_shape: tuple[int, int, int] | None = None  # default: block_shape capped at (32, 64, 64)
     fill_missing: bool = False
     restart: bool = False
 
     def validate(self) -> None:
+        if self.chunk_shape is None:
+            self.chunk_shape = tuple(min(int(b), c) for b, c in zip(self.block_shape, DEFAULT_CHUNK))
         if not self.input:
             raise ConfigError("segment config: field 'input' is required (a volume URL or path)")
         if not self.output:

@@ -156,18 +156,33 @@ def synthetic_volume(seed: int, shape_zyx: tuple[int, int, int], radius_nm: floa
     return TrainingVolume(arrays["raw"], cleft, pre, post, polarity=True, name=f"synthetic-{seed}")
 
 
-def isbi_volume(folder: str | Path, sections: range) -> TrainingVolume:
-    """ISBI 2012 ssTEM sections: raw/ and synapses/ PNG stacks (nonzero = cleft), no polarity."""
+def isbi_stack(folder: str | Path, sections: range, downsample_xy: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """ISBI 2012 ssTEM (4x4x50 nm): raw and cleft mask (nonzero in synapses/ PNGs), downsampled in-plane by mean
+    (raw) and max (clefts) so its pixels match the 8 nm of the synthetic data the same model learns from."""
     from PIL import Image
 
+    from storage.pyramid import downsample_mean
+
     folder = Path(folder)
+    if not (folder / "raw").is_dir():
+        raise FileNotFoundError(f"ISBI folder {folder} has no raw/ sections")
 
     def stack(kind: str) -> np.ndarray:
         files = sorted((folder / kind).glob("*.png"))
         return np.stack([np.array(Image.open(files[i])) for i in sections])
 
-    raw = stack("raw").astype(np.uint8)
-    cleft = (stack("synapses") != 0).astype(np.uint8)
+    f = (1, downsample_xy, downsample_xy)
+    raw = downsample_mean(stack("raw").astype(np.uint8), f)
+    syn = stack("synapses") != 0
+    z, y, x = syn.shape
+    cleft = syn[:, : y // downsample_xy * downsample_xy, : x // downsample_xy * downsample_xy].reshape(
+        z, y // downsample_xy, downsample_xy, x // downsample_xy, downsample_xy).max(axis=(2, 4))
+    return raw[:, : cleft.shape[1], : cleft.shape[2]], cleft.astype(np.uint8)
+
+
+def isbi_volume(folder: str | Path, sections: range) -> TrainingVolume:
+    """ISBI sections for training the cleft channel only (no polarity labels exist)."""
+    raw, cleft = isbi_stack(folder, sections)
     zeros = np.zeros_like(cleft)
     return TrainingVolume(raw, cleft, zeros, zeros.copy(), polarity=False, name=f"isbi-{sections.start}-{sections.stop}")
 

@@ -388,8 +388,11 @@ def train_from_config(config_path_or_dict: str | os.PathLike | dict) -> dict[str
         raise ConfigError(f"SegCLR training config: training: {exc}") from None
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(int(tcfg.threads))
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(tcfg.threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TF already initialised in this process (tests, notebooks): keep its settings
+        pass
     output = (base / data["output"]).resolve()
     workdir = (base / data.get("workdir", str(output) + ".work")).resolve()
     volumes = []

@@ -169,7 +169,10 @@ class BlockGrid:
         return self.num_blocks
 
     def block_id(self, index: Sequence[int]) -> int:
-        return int(np.ravel_multi_index(tuple(index), self.grid_shape))
+        index = tuple(int(i) for i in index)
+        if len(index) != 3 or not all(0 <= i < g for i, g in zip(index, self.grid_shape)):
+            raise VolumeError(f"block index {index} (zyx) is outside the grid of shape {self.grid_shape} (zyx)")
+        return int(np.ravel_multi_index(index, self.grid_shape))
 
     def index_of(self, block_id: int) -> Triple:
         if not 0 <= block_id < self.num_blocks:

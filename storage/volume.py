@@ -280,6 +280,10 @@ class Volume:
         prefix = {"neuroglancer_precomputed": "precomputed"}.get(self.format, self.format)
         return f"{prefix}://{_url_of(self._root)}"
 
+    def __reduce__(self):
+        """Pickle as the spec, never the TensorStore handle: the receiving process re-opens it (no fork sharing)."""
+        return (_reopen, (self.spec, self.mode, self.fill_missing))
+
     def __repr__(self) -> str:
         return (f"Volume({self.name!r}, {self.format}, shape_zyx={self.shape}, dtype={self.dtype}, "
                 f"voxel_size_xyz={self.voxel_size}, voxel_offset_xyz={self.voxel_offset}, scale={self.scale})")
@@ -330,6 +334,10 @@ class Volume:
     def scale_voxel_sizes(self) -> list[tuple[float, float, float]]:
         found = _levels_of(self.format, self._root)
         return [lv.voxel_size_xyz for lv in found[0]] if found else [self.voxel_size]
+
+
+def _reopen(spec: dict, mode: str, fill_missing: bool) -> "Volume":
+    return open_volume(spec, mode=mode, fill_missing=fill_missing)
 
 
 def _url_of(kvstore: dict) -> str:
@@ -642,8 +650,15 @@ def create_scale(vol: Volume, factor_xyz: Sequence[int], *, chunk_shape_zyx: Seq
     n = len(levels)
     path = {"zarr": str(n), "zarr3": str(n), "n5": f"s{n}"}.get(vol.format, str(n))
     array_kv = vol._root if vol.format == "neuroglancer_precomputed" else kvstore_join(vol._root, path)
-    spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, shard, vol.kind, voxel_size,
-                              offset, first_scale=False)
+    try:
+        spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, shard, vol.kind, voxel_size,
+                                  offset, first_scale=False)
+    except VolumeError:
+        if shard is None or vol.format != "neuroglancer_precomputed":
+            raise
+        # the level-0 shard shape is not a Morton block of this smaller grid: store this level unsharded
+        spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, None, vol.kind, voxel_size,
+                                  offset, first_scale=False)
     try:
         if vol.format == "neuroglancer_precomputed":
             ts.open(spec, create=True, open=True, context=ts_context()).result()

@@ -22,7 +22,22 @@ VOLUME_SHAPE = tuple(g * b for g, b in zip(GRID_SHAPE, BLOCK_SHAPE))
 
 
 def zarr3_spec(path: str | Path) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    # no fsync per chunk: durability is not what these tests are about, and fsync is slow in sandboxes
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+            "context": {"file_io_sync": False}}
+
+
+_STORES: dict[str, object] = {}
+
+
+def open_store(spec: dict):
+    """One handle per worker process and spec (opening costs more than writing a tiny block)."""
+    import tensorstore as ts
+
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _STORES:
+        _STORES[key] = ts.open(spec, open=True).result()
+    return _STORES[key]
 
 
 def create_volume(path: str | Path) -> dict:
@@ -60,7 +75,6 @@ def expected_volume(seed: int) -> np.ndarray:
 def write_block(block, *, spec: dict, seed: int, sleep: float = 0.0, calls_dir: str | None = None,
                 fail_block: int | None = None):
     """Write the pattern of `block`; record the call (for counting re-runs); return checksum and worker."""
-    import tensorstore as ts
     from distributed import get_worker
 
     from storage.errors import VolumeError
@@ -72,7 +86,7 @@ def write_block(block, *, spec: dict, seed: int, sleep: float = 0.0, calls_dir: 
     if sleep:
         time.sleep(sleep)
     data = pattern(block, seed)
-    store = ts.open(spec, open=True).result()
+    store = open_store(spec)
     store[block.write.slices].write(data).result()
     return {"sum": int(data.sum(dtype=np.uint64)), "worker": get_worker().address, "pid": os.getpid()}
 

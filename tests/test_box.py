@@ -144,3 +144,5 @@ def test_bad_grids_are_one_line_errors():
         BlockGrid(Box((0, 0, 0), (0, 5, 5)), (4, 4, 4))
     with pytest.raises(VolumeError, match="outside the grid"):
         BlockGrid(Box.from_shape((10, 10, 10)), (4, 4, 4)).index_of(27)
+    with pytest.raises(VolumeError, match="outside the grid"):
+        BlockGrid(Box.from_shape((10, 10, 10)), (4, 4, 4)).block_id((0, 3, 0))

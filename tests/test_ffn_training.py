@@ -195,10 +195,21 @@ def test_cli_train_ffn_and_config_errors(tmp_path, capsys):
 
     from pipeline.cli import main
 
+    from storage.box import Box
+    from storage.volume import create_volume
+
     h5 = _tiny_volume(tmp_path / "tiny.h5")
+    # a second training volume given as a URL (zarr through storage.volume): several volumes at once
+    with h5py.File(h5, "r") as f:
+        raw, gt = f["raw"][()], f["gt"][()]
+    for name, arr, kind in (("raw", raw, "image"), ("gt", gt, "segmentation")):
+        vol = create_volume(f"zarr://{tmp_path}/v2/{name}", shape_zyx=arr.shape, dtype=arr.dtype, kind=kind,
+                            voxel_size_xyz_nm=(8, 8, 8), chunk_shape_zyx=(16, 16, 16))
+        vol.write(Box.from_shape(arr.shape), arr)
     cfg = {
         "model": {"depth": 1, "features": 4, "fov_size_xyz": [9, 9, 9], "deltas_xyz": [2, 2, 2]},
-        "volumes": [{"image": f"{h5}:raw", "labels": f"{h5}:gt"}],
+        "volumes": [{"image": f"{h5}:raw", "labels": f"{h5}:gt"},
+                    {"image": f"zarr://{tmp_path}/v2/raw", "labels": f"zarr://{tmp_path}/v2/gt"}],
         "output_dir": str(tmp_path / "cli_run"), "batch_size": 1, "max_steps": 100, "threads": 1,
         "partitions": {"min_size": 10}, "fov_policy": "max_pred",
     }
@@ -206,6 +217,8 @@ def test_cli_train_ffn_and_config_errors(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", "ffn", str(path), "--max-steps", "3"]) == 0
     assert (tmp_path / "cli_run" / "checkpoints" / "ckpt-000000003" / "state.json").is_file()
+    assert "2 volume(s)" in capsys.readouterr().out
+    assert len(list((tmp_path / "cli_run").glob("partitions-*.npy"))) == 2
     bad = dict(cfg, optimizer={"name": "adamw"})
     path.write_text(yaml.safe_dump(bad))
     assert main(["train", "ffn", str(path)]) == 2

@@ -327,3 +327,32 @@ def test_versions_and_results_carry_version(empty_store, tables):
     empty_store.abort(v2)
     assert empty_store.version == v
     assert empty_store.connectivity().attrs["version"] == v
+
+
+def test_embeddings_skeletons_and_classification_systems(empty_store, tables):
+    c = empty_store
+    v = load(c, tables)
+    emb = pd.DataFrame({"segment_id": [1, 1, 2], "node_id": [0, 1, None], "model": ["segclr"] * 3,
+                        "vector": [[0.5, 1.5, 2.5], [1.0, 0.0, -1.0], None],
+                        "uri": [None, None, "file:///emb/shard-0.npy"], "row_index": [None, None, 7]})
+    emb["node_id"] = emb["node_id"].astype("Int64")
+    emb["row_index"] = emb["row_index"].astype("Int64")
+    with c.loading("embeddings") as v2:
+        c.write_embeddings(emb, version=v2)
+        c.write_cell_types(pd.DataFrame({"segment_id": [1, 2], "cell_type": ["excitatory", "inhibitory"],
+                                         "classification_system": ["valence", "valence"],
+                                         "source": ["person:carol", "person:carol"]}), version=v2)
+    got = c.backend.query("SELECT segment_id, node_id, vector, uri, row_index FROM embeddings ORDER BY segment_id, node_id")
+    assert [list(np.round(np.asarray(x, float), 3)) if isinstance(x, (list, np.ndarray)) else None
+            for x in got["vector"]] == [
+        [0.5, 1.5, 2.5], [1.0, 0.0, -1.0], None]
+    assert got["uri"].iloc[2] == "file:///emb/shard-0.npy" and int(got["row_index"].iloc[2]) == 7
+    nodes = c.backend.query("SELECT * FROM skeleton_nodes WHERE segment_id = 1 ORDER BY node_id")
+    assert len(nodes) == 4 and nodes["parent_id"].isna().iloc[0] and (nodes["morton"] > 0).all()
+    # two vocabularies: 'default' decides type columns unless another is asked for
+    assert set(c.cell_type_counts()["cell_type"]) <= set(tables["cell_types"]["cell_type"].to_pylist())
+    val = c.cells(ids=[1, 2], classification_system="valence")
+    assert list(val["cell_type"]) == ["excitatory", "inhibitory"] and list(val["source"]) == ["person:carol"] * 2
+    assert len(c.synapses(pre=1, post_type="inhibitory", classification_system="valence")) == len(
+        c.synapses(pre=1, post=2))
+    assert c.cells(version=v).attrs["version"] == v

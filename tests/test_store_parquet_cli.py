@@ -96,3 +96,17 @@ def test_query_command_prints_and_writes_tables(tmp_path, capsys):
     assert main(["query", str(run), "synapses", "--limit", "5"]) == 0
     assert "more rows: --after" in capsys.readouterr().err
     assert main(["query", str(tmp_path / "nowhere"), "cells"]) == 2
+
+
+def test_query_command_reads_a_parquet_release(tmp_path, capsys):
+    store = ConnectomeStore.create(tmp_path / "s.duckdb")
+    load(store, synthetic_connectome(40, 500, seed=10))
+    want = store.partners(5, direction="in")
+    release = store.export_parquet(tmp_path / "release")
+    store.close()
+    assert main(["query", str(release), "partners", "--id", "5", "--direction", "in",
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    got = pd.read_csv(tmp_path / "p.csv")
+    assert list(got["partner_id"]) == list(want["partner_id"])
+    assert main(["query", str(release), "versions"]) == 0
+    assert "load" in capsys.readouterr().out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -74,24 +73,20 @@ def test_shareable_state_for_http_run_round_trips_through_a_url(tmp_path, run_di
         shareable_state(str(run_dir))
 
 
-def _cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+def test_view_command_state_and_errors(run_dir, capsys):
+    from pipeline.cli import main
 
-
-def test_view_command_state_and_errors(run_dir):
     with serve(run_dir.parent) as server:
-        result = _cli("view", f"{server.url}/{run_dir.name}", "--state", "--segments", "11,22")
-        assert result.returncode == 0, result.stderr
-        lines = result.stdout.strip().splitlines()
+        assert main(["view", f"{server.url}/{run_dir.name}", "--state", "--segments", "11,22"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
         assert lines[-1].startswith("https://") and "#!" in lines[-1]
         state = json.loads("\n".join(lines[:-1]))
         assert state["layers"][1]["segments"] == ["11", "22"]
         assert state["layers"][0]["source"][0]["url"].startswith(f"precomputed://{server.url}/")
-    result = _cli("view", str(run_dir / "missing"))
-    assert result.returncode == 2 and result.stderr.startswith("error: run directory") and "Traceback" not in result.stderr
-    result = _cli("view", str(run_dir), "--state")
-    assert result.returncode == 2 and "gs://" in result.stderr
+    assert main(["view", str(run_dir / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: run directory")
+    assert main(["view", str(run_dir), "--state"]) == 2
+    assert "gs://" in capsys.readouterr().err
 
 
 def test_view_command_serves_viewer_and_data_until_interrupted(run_dir):

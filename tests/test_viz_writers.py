@@ -259,3 +259,50 @@ def test_publish_layers_writes_a_complete_run(tmp_path, sample):
     assert json.loads((tmp_path / "run" / "publish.json").read_text())["version"] == 1
     vol = _cv(tmp_path / "run" / "fragments")
     assert set(np.unique(vol[:, :, :])) == {0, *viz_sample.FRAGMENTS}
+
+
+def _area(v, f):
+    v = np.asarray(v, float)
+    return 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+
+
+def test_cutting_meshes_at_grid_planes_keeps_the_surface(sample):
+    from viz.multires_meshes import cut_to_grid, split_by_plane
+
+    v, f = split_by_plane(np.array([[0, 0, 0], [2, 0, 0], [0, 2, 0.0]]), np.array([[0, 1, 2]]), 0, 1.0)
+    assert len(f) == 3 and _area(v, f) == pytest.approx(2.0)
+    assert np.all((v[f][..., 0].max(1) <= 1.0) | (v[f][..., 0].min(1) >= 1.0))  # no triangle crosses x=1
+    _, seg, _ = sample
+    mesh = mesh_labels(seg, (8, 8, 8))[22]
+    v, f = cut_to_grid(mesh.vertices, mesh.faces, np.zeros(3), np.full(3, 64.0))
+    assert len(f) > len(mesh.faces) and _area(v, f) == pytest.approx(_area(mesh.vertices, mesh.faces), rel=1e-9)
+    cells = np.floor(v[f] / 64.0 + 1e-9)
+    lo, hi = np.floor(v[f].min(1) / 64 + 1e-9), np.ceil(v[f].max(1) / 64 - 1e-9)
+    assert np.all(hi - lo <= 1), "a triangle spans more than one grid cell"
+    assert cells.shape[0] == len(f)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_multires_meshes_read_back_with_cloudvolume(tmp_path, sample, sharded):
+    from viz.multires_meshes import MultiresOptions, write_multires_meshes
+
+    _, seg, _ = sample
+    write_pyramid(tmp_path / "seg", seg, PyramidSpec("segmentation", (8, 8, 8)))
+    meshes = mesh_labels(seg, (8, 8, 8))
+    assert write_multires_meshes(tmp_path / "seg" / "mesh", meshes, (8, 8, 8),
+                                 options=MultiresOptions(chunk_voxels=16), sharded=sharded) == 3
+    info = json.loads((tmp_path / "seg" / "mesh" / "info").read_text())
+    assert info["@type"] == "neuroglancer_multilod_draco" and ("sharding" in info) == sharded
+    link_segmentation_extras(tmp_path / "seg", mesh="mesh")
+    vol = _cv(tmp_path / "seg")
+    for sid in viz_sample.SEGMENTS:
+        original = meshes[sid]
+        fine = vol.mesh.get(sid, lod=0)
+        fine = fine[sid] if isinstance(fine, dict) else fine
+        step = 16 * 8 / (2**16 - 1)  # LOD-0 node edge / quantization levels
+        np.testing.assert_allclose(fine.vertices.min(0), original.vertices.min(0), atol=step)
+        np.testing.assert_allclose(fine.vertices.max(0), original.vertices.max(0), atol=step)
+        assert _area(fine.vertices, fine.faces) == pytest.approx(_area(original.vertices, original.faces), rel=1e-3)
+        coarse = vol.mesh.get(sid, lod=2)
+        coarse = coarse[sid] if isinstance(coarse, dict) else coarse
+        assert 0 < len(coarse.faces) < len(fine.faces)

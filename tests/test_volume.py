@@ -281,3 +281,65 @@ def test_unknown_scheme_and_format_errors(tmp_path):
         create_volume(f"{tmp_path}/y.zarr", shape_zyx=(1, 1, 1), dtype="uint8", voxel_size_xyz_nm=(1, 0, 1),
                       chunk_shape_zyx=(1, 1, 1))
     assert not os.path.exists(tmp_path / "y.zarr")
+
+
+def test_volume_pickles_as_its_spec(small):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(small))
+    assert clone.spec == small.spec and clone.mode == small.mode and clone.bounds == small.bounds
+    np.testing.assert_array_equal(clone.read(clone.bounds), small.read(small.bounds))
+
+
+def test_http_kvstore_reads_local_server(tmp_path):
+    """http(s) volumes are read-only: serve a directory locally and read zarr3 and precomputed through http://."""
+    import functools
+    import http.server
+    import threading
+
+    data = np.arange(8 * 8 * 8, dtype=np.uint8).reshape(8, 8, 8)
+    for url in (f"{tmp_path}/h.zarr", f"precomputed://{tmp_path}/hp"):
+        vol = create_volume(url, shape_zyx=(8, 8, 8), dtype="uint8", voxel_size_xyz_nm=(2, 3, 4),
+                            chunk_shape_zyx=(4, 4, 4))
+        vol.write(vol.bounds, data)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for url in (f"zarr3://{base}/h.zarr", f"precomputed://{base}/hp"):
+            vol = open_volume(url)
+            assert vol.voxel_size == (2.0, 3.0, 4.0)
+            np.testing.assert_array_equal(vol.read(vol.bounds), data)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_format_detected_from_metadata(tmp_path):
+    """Plain paths/URLs (as CloudVolume users paste them) and `zarr://` find the format from its metadata files."""
+    made = {
+        "neuroglancer_precomputed": create_volume(f"precomputed://{tmp_path}/a", shape_zyx=(4, 4, 4), dtype="uint8",
+                                                  voxel_size_xyz_nm=(1, 1, 1), chunk_shape_zyx=(4, 4, 4)),
+        "zarr3": create_volume(f"zarr3://{tmp_path}/b", shape_zyx=(4, 4, 4), dtype="uint8",
+                               voxel_size_xyz_nm=(1, 1, 1), chunk_shape_zyx=(4, 4, 4)),
+        "zarr": create_volume(f"zarr://{tmp_path}/c", shape_zyx=(4, 4, 4), dtype="uint8",
+                              voxel_size_xyz_nm=(1, 1, 1), chunk_shape_zyx=(4, 4, 4)),
+        "n5": create_volume(f"n5://{tmp_path}/d", shape_zyx=(4, 4, 4), dtype="uint8",
+                            voxel_size_xyz_nm=(1, 1, 1), chunk_shape_zyx=(4, 4, 4)),
+    }
+    for fmt, vol in made.items():
+        path = vol.name
+        assert open_volume(path).format == fmt
+        assert open_volume(f"file://{path}").format == fmt
+    assert open_volume(f"zarr://{tmp_path}/b").format == "zarr3"  # zarr:// reads v2 or v3
+    assert open_volume(f"zarr://{tmp_path}/c").format == "zarr"
+    with pytest.raises(VolumeError, match="no zarr volume"):
+        open_volume(f"zarr://{tmp_path}/a")
+    pc = open_volume({"driver": "neuroglancer_precomputed", "kvstore": f"file://{tmp_path}/a", "scale_index": 0})
+    assert pc.shape == (4, 4, 4)

@@ -13,6 +13,7 @@ voxel's centre, so the mesh surface sits between voxel centres exactly as Neurog
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -103,19 +104,13 @@ def write_mesh_manifests(dest: str | os.PathLike, fragments: Iterable[tuple[int,
         by_id[int(segment_id)].append(key)
     kv = open_kvstore(dest)
     futures = [
-        kv.write(f"{segment_id}:0", ('{"fragments":' + _json_list(sorted(keys)) + "}").encode())
+        kv.write(f"{segment_id}:0", json.dumps({"fragments": sorted(keys)}).encode())
         for segment_id, keys in by_id.items()
     ]
     for f in futures:
         f.result()
     write_json(dest, "info", LEGACY_INFO)
     return len(by_id)
-
-
-def _json_list(items: list[str]) -> str:
-    import json
-
-    return json.dumps(items)
 
 
 def write_legacy_meshes(dest: str | os.PathLike, meshes: Mapping[int, zmesh.Mesh]) -> int:

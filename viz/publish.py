@@ -5,7 +5,8 @@ Run directory layout (the contract with the other stages; any of these may be a 
     RUN/raw/                     EM image pyramid (precomputed, uint8, raw or jpeg)
     RUN/segmentation/            segment ids at the published version (precomputed uint64,
                                  compressed_segmentation, sharded for large runs); its info references
-        mesh/                    legacy meshes (zmesh)               -> info "mesh": "mesh"
+        mesh/                    zmesh meshes, legacy or multi-resolution Draco (sharded when large)
+                                                                     -> info "mesh": "mesh"
         skeletons/               neuroglancer_skeletons (radius, compartment) -> "skeletons"
         segment_properties/      label, cell type tags, numbers       -> "segment_properties"
     RUN/fragments/               pre-agglomeration supervoxel ids (precomputed uint64), for splits
@@ -29,9 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from storage.box import Box
+from storage.errors import ConnectomeError
 from viz.annotations import AnnotationOptions, write_synapse_annotations
 from viz.kvstore import join, local_path, write_json
 from viz.meshes import MeshOptions, mesh_labels, write_legacy_meshes
+from viz.multires_meshes import MultiresOptions, write_multires_meshes
 from viz.precomputed_volume import PyramidSpec, link_segmentation_extras, write_pyramid
 from viz.segment_properties import write_segment_properties
 from viz.skeletons import write_skeletons
@@ -46,7 +50,18 @@ class PublishOptions:
     image_encoding: str = "raw"  # or "jpeg"
     sharded: bool | None = None  # None: shard volumes larger than 512^3 voxels
     mesh: MeshOptions = field(default_factory=MeshOptions)
+    mesh_format: str = "auto"  # legacy | multires | auto (multires above 10,000 segments)
+    multires: MultiresOptions = field(default_factory=MultiresOptions)
     annotations: AnnotationOptions = field(default_factory=AnnotationOptions)
+
+
+def _write_meshes(url: str, meshes: dict, voxel_size_xyz_nm, options: PublishOptions) -> int:
+    fmt = options.mesh_format
+    if fmt not in ("legacy", "multires", "auto"):
+        raise ConnectomeError(f"mesh format must be legacy, multires or auto, got {fmt!r}")
+    if fmt == "multires" or (fmt == "auto" and len(meshes) > 10_000):
+        return write_multires_meshes(url, meshes, voxel_size_xyz_nm, options=options.multires)
+    return write_legacy_meshes(url, meshes)
 
 
 def _dir_bytes(path: str | None) -> int | None:
@@ -96,8 +111,9 @@ def publish_layers(
         extras: dict[str, str] = {}
         if isinstance(segmentation, np.ndarray):  # blockwise meshing of large volumes is the mesh stage's job
             url = join(seg_url, MESH)
-            report["meshes"] = timed(MESH, url, lambda: write_legacy_meshes(
-                url, mesh_labels(segmentation, voxel_size_xyz_nm, voxel_offset_xyz, options=options.mesh)))
+            report["meshes"] = timed(MESH, url, lambda: _write_meshes(
+                url, mesh_labels(segmentation, voxel_size_xyz_nm, voxel_offset_xyz, options=options.mesh),
+                voxel_size_xyz_nm, options))
             extras["mesh"] = MESH
         if skeleton_nodes is not None:
             url = join(seg_url, SKELETONS)
@@ -114,3 +130,101 @@ def publish_layers(
         report["synapses"] = int(len(synapses))
     write_json(run, "publish.json", report)
     return report
+
+
+# ------------------------------------------------------------------------------------------------------------
+# From the store
+# ------------------------------------------------------------------------------------------------------------
+MESH_IN_MEMORY_VOXELS = 512**3  # meshing here reads the whole segmentation; larger runs mesh in the mesh stage
+
+
+def _versioned_rows(connectome, table: str, version: int) -> pd.DataFrame:
+    from storage.store.sql import Sql
+
+    q = Sql(connectome.backend.dialect)
+    return connectome.backend.query(f"SELECT * FROM {table} t WHERE {q.visible('t', version)}", q.params)
+
+
+def store_tables(connectome, version: int | None = None) -> dict[str, pd.DataFrame]:
+    """segments (for segment properties), synapses and skeleton_nodes at a version, in publish_layers' columns."""
+    v = connectome.version if version is None else int(version)
+    cells = connectome.cells(version=v)
+    synapses = connectome.synapses(version=v)
+    nodes = _versioned_rows(connectome, "skeleton_nodes", v)
+    segments = pd.DataFrame({"segment_id": cells["segment_id"].astype(np.int64)})
+    if cells["cell_type"].notna().any():
+        segments["label"] = [f"{t} {s}" if isinstance(t, str) else str(s) for s, t in zip(cells.segment_id, cells.cell_type)]
+        segments["cell_type"] = cells["cell_type"].to_numpy()
+        segments["cell_type_confidence"] = cells["confidence"].astype(float).to_numpy()
+    if cells["voxel_count"].notna().any():
+        segments["voxel_count"] = cells["voxel_count"].fillna(0).astype(np.int64).to_numpy()
+    segments["synapses_in"] = segments.segment_id.map(synapses.post_segment_id.value_counts()).fillna(0).astype(np.int64)
+    segments["synapses_out"] = segments.segment_id.map(synapses.pre_segment_id.value_counts()).fillna(0).astype(np.int64)
+    # skeletons of segments an edit replaced stay keyed by the old ids until the skeleton stage reruns
+    nodes = nodes[nodes["segment_id"].isin(segments["segment_id"])]
+    return {"segments": segments, "synapses": synapses,
+            "skeleton_nodes": nodes.drop(columns=[c for c in ("version_from", "version_to", "morton") if c in nodes])}
+
+
+class RelabelledVolume:
+    """Fragments seen through the store's id map at one version: the segmentation, without writing it first."""
+
+    def __init__(self, fragments: Any, mapping: dict[int, int]):
+        self.fragments = fragments
+        self.mapping = mapping
+        self.shape = tuple(fragments.shape)
+        self.dtype = np.dtype(np.uint64)
+        self.bounds = getattr(fragments, "bounds", None) or Box.from_shape(self.shape)
+
+    def read(self, box) -> np.ndarray:
+        import fastremap
+
+        if isinstance(self.fragments, np.ndarray):
+            block = self.fragments[box.relative_to(self.bounds).slices]
+        else:
+            block = self.fragments.read(box)
+        return fastremap.remap(np.ascontiguousarray(block).astype(np.uint64), self.mapping,
+                               preserve_missing_labels=True, in_place=False)
+
+
+def publish_from_store(
+    run: str | os.PathLike,
+    connectome,
+    *,
+    image: Any = None,
+    fragments: Any = None,
+    segmentation: Any = None,
+    voxel_size_xyz_nm: tuple[float, float, float] | None = None,
+    voxel_offset_xyz: tuple[int, int, int] | None = None,
+    version: int | None = None,
+    options: PublishOptions = PublishOptions(),
+    write_fragments: bool = True,
+) -> dict:
+    """Publish the run at a store version: segmentation = fragments relabelled through the id map (or the
+    given segmentation), segment properties / skeletons / synapses from the store's tables.
+
+    `write_fragments=False` when `fragments` already is RUN/fragments (it is read, not rewritten).
+    """
+    from viz.proofread import id_map
+
+    v = connectome.version if version is None else int(version)
+    volumes = [x for x in (image, fragments, segmentation) if x is not None]
+    if voxel_size_xyz_nm is None:
+        sized = next((x for x in volumes if hasattr(x, "voxel_size")), None)
+        if sized is None:
+            raise ConnectomeError("publish: give voxel_size_xyz_nm (no input volume carries a voxel size)")
+        voxel_size_xyz_nm = tuple(sized.voxel_size)  # type: ignore[assignment]
+        voxel_offset_xyz = voxel_offset_xyz or tuple(getattr(sized, "voxel_offset", (0, 0, 0)))  # type: ignore[assignment]
+    if segmentation is None and fragments is not None:
+        rows = id_map(connectome, v)
+        segmentation = RelabelledVolume(fragments, dict(zip(rows.fragment_id.tolist(), rows.segment_id.tolist())))
+    if segmentation is not None and not isinstance(segmentation, np.ndarray) and int(np.prod(segmentation.shape)) <= MESH_IN_MEMORY_VOXELS:
+        segmentation = np.asarray(segmentation.read(segmentation.bounds))  # small enough: mesh it here too
+    tables = store_tables(connectome, v)
+    return publish_layers(
+        run, voxel_size_xyz_nm=tuple(voxel_size_xyz_nm), voxel_offset_xyz=tuple(voxel_offset_xyz or (0, 0, 0)),
+        image=image, segmentation=segmentation, fragments=fragments if write_fragments else None,
+        skeleton_nodes=tables["skeleton_nodes"] if len(tables["skeleton_nodes"]) else None,
+        segments=tables["segments"] if len(tables["segments"]) else None,
+        synapses=tables["synapses"], options=options, version=v,
+    )

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.synthetic.labels import build_nodes, compute_labels, label_pad_voxels
-from pipeline.synthetic.morphology import objects_near
+from pipeline.synthetic.morphology import MAX_RADIUS_NM, objects_near
 from pipeline.synthetic.params import SynthParams
 from pipeline.synthetic.render import render, render_pad_voxels
 from pipeline.synthetic.synapses import boutons_in, find_synapses, vesicles
@@ -22,6 +22,9 @@ from storage.box import Box
 from storage.errors import ConnectomeError
 
 VOLUME_KEYS = ("raw", "gt", "compartments", "clefts")
+BOUTON_MARGIN_NM = 500.0        # boutons whose cleft or vesicles can reach the render box
+# nodes a synapse decision looks at: bouton margin + bouton/post radii + tolerance + the third-object check
+SYNAPSE_CONTEXT_NM = BOUTON_MARGIN_NM + 2 * MAX_RADIUS_NM + 400.0
 SYNAPSE_COLUMNS = ["synapse_id", "pre_segment_id", "post_segment_id", "x", "y", "z", "x_nm", "y_nm", "z_nm",
                    "pre_x_nm", "pre_y_nm", "pre_z_nm", "post_x_nm", "post_y_nm", "post_z_nm",
                    "pre_x", "pre_y", "pre_z", "post_x", "post_y", "post_z", "cleft_radius_nm", "post_kind"]
@@ -53,8 +56,11 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
     vs = np.array(params.voxel_size_zyx)
     rbox = box.grow(render_pad_voxels(params))
     lbox = rbox.grow(label_pad_voxels(params))
-    objects = objects_near(params, np.array(lbox.start) * vs, np.array(lbox.stop) * vs)
-    nodes = build_nodes(params, objects)
+    # nodes are needed over the label box and, for synapse decisions, 1.7 um around the render box
+    node_lo = np.minimum(np.array(lbox.start) * vs, np.array(rbox.start) * vs - SYNAPSE_CONTEXT_NM)
+    node_hi = np.maximum(np.array(lbox.stop) * vs, np.array(rbox.stop) * vs + SYNAPSE_CONTEXT_NM)
+    objects = objects_near(params, node_lo, node_hi)
+    nodes = build_nodes(params, objects, node_lo, node_hi)
     seg_idx, owner = compute_labels(nodes, params, rbox.start, rbox.shape)
     ids = np.concatenate([np.zeros(1, np.uint64), nodes.seg_ids])
     labels = ids[seg_idx.astype(np.int64) + 1]
@@ -64,19 +70,22 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
 
     r_lo = np.array(rbox.start) * vs
     r_hi = np.array(rbox.stop) * vs
-    boutons = boutons_in(nodes, r_lo - 600.0, r_hi + 600.0)
+    boutons = boutons_in(nodes, r_lo - BOUTON_MARGIN_NM, r_hi + BOUTON_MARGIN_NM)
     synapses = find_synapses(params, nodes, boutons)
     ves_pos, ves_host = vesicles(params, nodes, boutons, synapses)
     mitos = []
     for oi, obj in enumerate(objects):
+        if not obj.mitos:
+            continue
+        ctrl = np.concatenate([c.points for c in obj.chains])
+        ctrl_seg = np.concatenate(nodes.ctrl_seg[oi])
         for p0, p1, mr in obj.mitos:
             c = (p0 + p1) / 2
-            if np.any(c < r_lo - 2000.0) or np.any(c > r_hi + 2000.0):
+            if np.any(c < r_lo - 1000.0) or np.any(c > r_hi + 1000.0):
                 continue
-            sel = np.nonzero(nodes.obj == oi)[0]
-            near = sel[np.argmin(np.linalg.norm(nodes.pos[sel] - c, axis=1))]
-            if nodes.seg[near] >= 0:
-                mitos.append((p0, p1, mr, nodes.seg_ids[nodes.seg[near]]))
+            host = ctrl_seg[np.argmin(np.linalg.norm(ctrl - c, axis=1))]
+            if host >= 0:
+                mitos.append((p0, p1, mr, nodes.seg_ids[host]))
     raw, clefts = render(params, rbox.start, rbox.shape, labels, mitos, ves_pos, ves_host, synapses)
     crop = box.relative_to(rbox).slices
     volumes = {"raw": raw[crop], "gt": labels[crop], "compartments": comp[crop], "clefts": clefts[crop]}

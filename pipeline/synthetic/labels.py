@@ -30,21 +30,26 @@ from pipeline.synthetic.params import SynthParams
 
 @dataclass
 class Nodes:
-    """Dense nodes of all objects near a box (positions nm ZYX) and the segments (runs inside the volume)."""
+    """Dense nodes of the objects near a box (positions nm ZYX) and the segments (runs inside the volume).
+
+    Only skeleton edges near the box are densified; which run (segment) a node belongs to is decided on the object's
+    control points, which every block sees whole, so segment ids agree between blocks.
+    """
 
     pos: np.ndarray         # (N, 3) float64
     radius: np.ndarray      # (N,) float32
     comp: np.ndarray        # (N,) uint8 compartment
-    parent: np.ndarray      # (N,) int64 global index or -1
+    parent: np.ndarray      # (N,) int64 previous node on the same edge, or -1
     obj: np.ndarray         # (N,) int32 index into objects
     seg: np.ndarray         # (N,) int32 index into seg_ids, -1 outside the volume
     inside: np.ndarray      # (N,) bool
     is_soma: np.ndarray     # (N,) bool (the virtual soma node: centre of the ball)
     spine: np.ndarray       # (N,) bool, node of a spine
+    sub: np.ndarray         # (N,) int32 position along its edge (for block-independent subsampling)
     seg_ids: np.ndarray     # (S,) uint64
     seg_type: list[str]     # (S,) cell type
     objects: list[Obj]
-    ctrl_index: list[list[np.ndarray]]  # per object, per chain: dense index of each control point
+    ctrl_seg: list[list[np.ndarray]]  # per object, per chain: segment index of each control point (-1 outside)
 
 
 def _cap_max(params: SynthParams) -> float:
@@ -68,116 +73,140 @@ def _pads(params: SynthParams) -> tuple[np.ndarray, np.ndarray]:
 def label_pad_voxels(params: SynthParams) -> tuple[int, int, int]:
     """Padding (ZYX voxels) so that labels in the inner box do not depend on the padded box's extent."""
     p2, p1 = _pads(params)
-    return tuple(int(v) for v in p1 + p2)  # type: ignore[return-value]
+    return tuple(int(v) for v in p1 + p2 + coarse_factor(params))  # type: ignore[return-value]
 
 
-def _densify_chain(points: np.ndarray, radius: np.ndarray, ds: float):
-    seg = np.diff(points, axis=0)
-    lengths = np.linalg.norm(seg, axis=1)
-    nsub = np.maximum(1, np.ceil(lengths / ds).astype(np.int64))
-    starts = np.concatenate([[0], np.cumsum(nsub)])
-    total = int(starts[-1]) + 1
-    which = np.repeat(np.arange(len(seg)), nsub)
-    t = (np.arange(total - 1) - starts[:-1][which]) / nsub[which]
-    pos = np.empty((total, 3))
-    pos[:-1] = points[:-1][which] + seg[which] * t[:, None]
-    pos[-1] = points[-1]
-    rad = np.empty(total)
-    rad[:-1] = radius[:-1][which] * (1 - t) + radius[1:][which] * t
-    rad[-1] = radius[-1]
-    return pos, rad, starts
+def _segment_hits_box(a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Do segments a[k]-b[k] meet the box [lo, hi)? (slab test, vectorized)"""
+    d = b - a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t0 = (lo - a) / d
+        t1 = (hi - a) / d
+    tmin = np.where(d != 0, np.minimum(t0, t1), np.where((a >= lo) & (a < hi), -np.inf, np.inf))
+    tmax = np.where(d != 0, np.maximum(t0, t1), np.where((a >= lo) & (a < hi), np.inf, -np.inf))
+    enter = np.maximum(tmin.max(1), 0.0)
+    leave = np.minimum(tmax.min(1), 1.0)
+    return enter < leave
 
 
-def build_nodes(params: SynthParams, objects: list[Obj]) -> Nodes:
+def _object_graph(obj: Obj):
+    """Control points of all chains, concatenated, and the edges between them (incl. chain attachments)."""
+    offs, pts, rad, comp, spine, chain_of = [], [], [], [], [], []
+    n = 0
+    for ci, ch in enumerate(obj.chains):
+        offs.append(n)
+        pts.append(ch.points)
+        rad.append(ch.radius)
+        comp.append(np.full(len(ch.points), ch.compartment, np.uint8))
+        spine.append(np.full(len(ch.points), ch.spine_head))
+        chain_of.append(np.full(len(ch.points), ci))
+        n += len(ch.points)
+    ea, eb = [], []
+    for ci, ch in enumerate(obj.chains):
+        k = np.arange(len(ch.points)) + offs[ci]
+        ea.append(k[:-1])
+        eb.append(k[1:])
+        if ch.parent is not None:
+            ea.append(np.array([offs[ch.parent[0]] + ch.parent[1]]))
+            eb.append(np.array([offs[ci]]))
+    return (np.concatenate(pts), np.concatenate(rad), np.concatenate(comp), np.concatenate(spine),
+            np.concatenate(ea).astype(np.int64), np.concatenate(eb).astype(np.int64), offs)
+
+
+def build_nodes(params: SynthParams, objects: list[Obj], lo_nm: np.ndarray, hi_nm: np.ndarray) -> Nodes:
+    """Dense nodes of every skeleton edge that comes within MAX_RADIUS_NM of [lo_nm, hi_nm)."""
     vs = np.array(params.voxel_size_zyx)
     ds = float(vs.min()) / 2.0
     vol_hi = np.array(params.shape_zyx) * vs
-    P, R, C, PAR, OB, SOM, SP = [], [], [], [], [], [], []
-    ctrl_all: list[list[np.ndarray]] = []
+    box_lo, box_hi = np.asarray(lo_nm) - MAX_RADIUS_NM, np.asarray(hi_nm) + MAX_RADIUS_NM
+    cols: dict[str, list] = {k: [] for k in ("pos", "rad", "comp", "par", "obj", "seg", "ins", "som", "sp", "sub")}
     seg_ids: list[int] = []
     seg_type: list[str] = []
-    seg_of_nodes = []
-    inside_all = []
+    ctrl_seg_all: list[list[np.ndarray]] = []
     offset = 0
     for oi, obj in enumerate(objects):
-        o_start = offset
-        chain_off: list[int] = []
-        ctrl_idx: list[np.ndarray] = []
-        for ci, ch in enumerate(obj.chains):
-            if ch.compartment == SOMA and ci == 0 and obj.soma_center is not None:
-                pos = obj.soma_center[None].astype(float)
-                rad = np.array([obj.soma_radius])
-                starts = np.array([0])
-                par = np.array([-1])
-                som = np.array([True])
-            else:
-                pts, rr = ch.points, ch.radius
-                if ch.parent is not None:
-                    pp = obj.chains[ch.parent[0]].points[ch.parent[1]]
-                    if np.linalg.norm(pts[0] - pp) > 1e-6:
-                        pts = np.concatenate([pp[None], pts])
-                        rr = np.concatenate([rr[:1], rr])
-                        pos, rad, starts = _densify_chain(pts, rr, ds)
-                        starts = starts[1:]
-                    else:
-                        pos, rad, starts = _densify_chain(pts, rr, ds)
-                else:
-                    pos, rad, starts = _densify_chain(pts, rr, ds)
-                par = np.arange(len(pos)) - 1 + offset
-                if ch.parent is None:
-                    par[0] = -1
-                else:
-                    pci, pk = ch.parent
-                    par[0] = chain_off[pci] + ctrl_idx[pci][pk]
-                som = np.zeros(len(pos), bool)
-            chain_off.append(offset)
-            ctrl_idx.append(starts.astype(np.int64) - 0)
-            P.append(pos)
-            R.append(rad)
-            C.append(np.full(len(pos), ch.compartment, np.uint8))
-            PAR.append(par)
-            SOM.append(som)
-            SP.append(np.full(len(pos), ch.spine_head))
-            OB.append(np.full(len(pos), oi, np.int32))
-            offset += len(pos)
-        # local chain-relative control indices -> global dense indices
-        ctrl_all.append([chain_off[i] + ctrl_idx[i] for i in range(len(ctrl_idx))])
-        pos_o = np.concatenate(P[-len(obj.chains):])
-        som_o = np.concatenate(SOM[-len(obj.chains):])
-        inside = np.all((pos_o >= 0) & (pos_o < vol_hi), axis=1)
-        if som_o.any():  # the soma node is inside when its ball meets the volume
-            c = obj.soma_center
-            nearest = np.clip(c, 0, vol_hi)
-            inside[som_o] = np.linalg.norm(nearest - c) < obj.soma_radius - params.core_nm
-        par_o = np.concatenate(PAR[-len(obj.chains):]) - o_start
-        n = len(pos_o)
-        child = np.nonzero((par_o >= 0))[0]
-        child = child[inside[child] & inside[par_o[child]]]
-        seg_local = np.full(n, -1, np.int64)
-        idx_in = np.nonzero(inside)[0]
-        if len(idx_in):
-            remap = np.full(n, -1, np.int64)
-            remap[idx_in] = np.arange(len(idx_in))
-            g = coo_matrix((np.ones(len(child)), (remap[child], remap[par_o[child]])), shape=(len(idx_in),) * 2)
-            ncomp, lab = connected_components(g, directed=False)
-            first = np.full(ncomp, np.iinfo(np.int64).max)
-            np.minimum.at(first, lab, idx_in)
+        pts, rad, comp, spine, ea, eb, offs = _object_graph(obj)
+        nc = len(pts)
+        soma = obj.soma_center is not None
+        inside = np.all((pts >= 0) & (pts < vol_hi), axis=1)
+        if soma:  # control point 0 is the soma centre: inside when its ball meets the volume
+            nearest = np.clip(obj.soma_center, 0, vol_hi)
+            inside[0] = np.linalg.norm(nearest - obj.soma_center) < obj.soma_radius - params.core_nm
+        both = inside[ea] & inside[eb]
+        # edges with both ends outside that still cross the volume are pieces of their own
+        cand = ~inside[ea] & ~inside[eb]
+        crossing = np.zeros(len(ea), bool)
+        if cand.any():
+            crossing[cand] = _segment_hits_box(pts[ea[cand]], pts[eb[cand]], np.zeros(3), vol_hi)
+        n_el = nc + len(ea)
+        g = coo_matrix((np.ones(int(both.sum())), (ea[both], eb[both])), shape=(n_el, n_el))
+        _, lab = connected_components(g, directed=False)
+        elements = np.concatenate([np.nonzero(inside)[0], nc + np.nonzero(crossing)[0]])
+        run_of_el = np.full(n_el, -1, np.int64)
+        if len(elements):
+            labs = lab[elements]
+            uniq, inv = np.unique(labs, return_inverse=True)
+            first = np.full(len(uniq), np.iinfo(np.int64).max)
+            np.minimum.at(first, inv, elements)
             rank = np.argsort(np.argsort(first))
-            for r in range(ncomp):
+            base = len(seg_ids)
+            for r in range(len(uniq)):
                 seg_ids.append((obj.key << 10) | min(int(r), 1023))
                 seg_type.append(obj.cell_type)
-            seg_local[idx_in] = rank[lab] + len(seg_ids) - ncomp
-        seg_of_nodes.append(seg_local)
-        inside_all.append(inside)
+            run_of_el[elements] = base + rank[inv]
+        ctrl_seg_all.append([run_of_el[offs[ci]:offs[ci] + len(ch.points)] for ci, ch in enumerate(obj.chains)])
+        # densify the edges near the box
+        if soma and inside[0]:
+            cols["pos"].append(obj.soma_center[None].astype(float))
+            cols["rad"].append(np.array([obj.soma_radius]))
+            cols["comp"].append(np.array([SOMA], np.uint8))
+            cols["par"].append(np.array([-1]))
+            cols["obj"].append(np.array([oi], np.int32))
+            cols["seg"].append(np.array([run_of_el[0]], np.int32))
+            cols["ins"].append(np.array([True]))
+            cols["som"].append(np.array([True]))
+            cols["sp"].append(np.array([False]))
+            cols["sub"].append(np.array([0], np.int32))
+            offset += 1
+        near = _segment_hits_box(pts[ea], pts[eb], box_lo, box_hi)
+        for e in np.nonzero(near)[0]:
+            a, b = ea[e], eb[e]
+            seg_len = float(np.linalg.norm(pts[b] - pts[a]))
+            m = max(1, int(np.ceil(seg_len / ds)))
+            t = np.arange(m + 1) / m
+            p = pts[a] + (pts[b] - pts[a]) * t[:, None]
+            r = rad[a] + (rad[b] - rad[a]) * t
+            if soma and a == 0:  # from the soma centre outwards the branch has its own radius
+                r = np.full(m + 1, rad[b])
+            ins = np.all((p >= 0) & (p < vol_hi), axis=1)
+            run = run_of_el[a] if inside[a] else (run_of_el[b] if inside[b] else run_of_el[nc + e])
+            if inside[a] and inside[b]:
+                sg = np.full(m + 1, run_of_el[a])
+            else:
+                sg = np.where(ins, run, -1)
+            keep = ~(soma & (a == 0)) | (np.arange(m + 1) > 0)
+            cols["pos"].append(p)
+            cols["rad"].append(r)
+            cols["comp"].append(np.full(m + 1, comp[b], np.uint8))
+            par = offset + np.arange(m + 1) - 1
+            par[0] = -1
+            cols["par"].append(par)
+            cols["obj"].append(np.full(m + 1, oi, np.int32))
+            cols["seg"].append(sg.astype(np.int32))
+            cols["ins"].append(ins & (sg >= 0) & keep)
+            cols["som"].append(np.zeros(m + 1, bool))
+            cols["sp"].append(np.full(m + 1, spine[b]))
+            cols["sub"].append(np.arange(m + 1, dtype=np.int32))
+            offset += m + 1
     if offset == 0:
         z = np.zeros(0)
         return Nodes(np.zeros((0, 3)), z.astype(np.float32), z.astype(np.uint8), z.astype(np.int64),
                      z.astype(np.int32), z.astype(np.int32), z.astype(bool), z.astype(bool), z.astype(bool),
-                     np.zeros(0, np.uint64), [], objects, [])
-    return Nodes(np.concatenate(P), np.concatenate(R).astype(np.float32), np.concatenate(C),
-                 np.concatenate(PAR).astype(np.int64), np.concatenate(OB), np.concatenate(seg_of_nodes).astype(np.int32),
-                 np.concatenate(inside_all), np.concatenate(SOM), np.concatenate(SP), np.array(seg_ids, dtype=np.uint64), seg_type,
-                 objects, ctrl_all)
+                     z.astype(np.int32), np.array(seg_ids, dtype=np.uint64), seg_type, objects, ctrl_seg_all)
+    cat = {k: np.concatenate(v) for k, v in cols.items()}
+    return Nodes(cat["pos"], cat["rad"].astype(np.float32), cat["comp"], cat["par"].astype(np.int64), cat["obj"],
+                 cat["seg"], cat["ins"], cat["som"], cat["sp"], cat["sub"], np.array(seg_ids, dtype=np.uint64),
+                 seg_type, objects, ctrl_seg_all)
 
 
 def _raster(nodes: Nodes, vs: np.ndarray, start: np.ndarray, shape: np.ndarray, connect: bool = True,

@@ -148,15 +148,20 @@ def render(params: SynthParams, start, shape, labels: np.ndarray, mitos, ves_pos
         clefts[sl][cl] = s.synapse_id
 
     # --- membranes: every label boundary, with faint stretches ---------------------------------------
-    bnd = np.zeros(tshape, bool)
-    for ax in range(3):
+    # in-section boundaries are dark on both sides; where labels change between sections the membrane is oblique
+    # and smears across the section: a lighter band on one side (the section below the change)
+    bnd = np.zeros(tshape, np.float32)
+    for ax in (1, 2):
         a = [slice(None)] * 3
         b = [slice(None)] * 3
         a[ax] = slice(1, None)
         b[ax] = slice(None, -1)
         diff = labels[tuple(a)] != labels[tuple(b)]
-        bnd[tuple(a)] |= diff
-        bnd[tuple(b)] |= diff
+        np.maximum(bnd[tuple(a)], diff, out=bnd[tuple(a)])
+        np.maximum(bnd[tuple(b)], diff, out=bnd[tuple(b)])
+    zdiff = (labels[1:] != labels[:-1]).astype(np.float32) * np.float32(0.55 if vs[0] > 1.5 * vs[1] else 1.0)
+    np.maximum(bnd[:-1], zdiff, out=bnd[:-1])
+    bnd *= cell
     weak_step = tuple(1 if v > 30 else 4 for v in vs)
     f = smooth_noise(seed, K_WEAK, tstart, tshape, tuple(max(0.3, 160.0 / v) for v in vs), weak_step)
     thr = float(ndtri(min(max(params.weak_membrane_fraction, 1e-3), 0.999)))

@@ -38,36 +38,30 @@ class Synapse:
 class Boutons:
     pos: np.ndarray             # (B, 3) nm
     radius: np.ndarray          # (B,)
-    node: np.ndarray            # (B,) dense node index
+    obj: np.ndarray             # (B,) object index
+    seg: np.ndarray             # (B,) segment index
     key: list[tuple[int, int, int]]  # (object key, chain, control index)
 
 
 def boutons_in(nodes: Nodes, lo_nm: np.ndarray, hi_nm: np.ndarray) -> Boutons:
-    pos, rad, idx, keys = [], [], [], []
+    pos, rad, obj_i, seg_i, keys = [], [], [], [], []
     for oi, obj in enumerate(nodes.objects):
         for ci, ch in enumerate(obj.chains):
             if ch.bouton is None or not ch.bouton.any():
                 continue
             ks = np.nonzero(ch.bouton)[0]
-            dense = nodes.ctrl_index[oi][ci][ks]
-            p = nodes.pos[dense]
-            ok = np.all((p > lo_nm) & (p < hi_nm), axis=1) & (nodes.seg[dense] >= 0)
-            for k, d in zip(ks[ok], dense[ok]):
-                pos.append(nodes.pos[d])
-                rad.append(float(nodes.radius[d]))
-                idx.append(int(d))
+            segs = nodes.ctrl_seg[oi][ci][ks]
+            p = ch.points[ks]
+            ok = np.all((p > lo_nm) & (p < hi_nm), axis=1) & (segs >= 0)
+            for k in ks[ok]:
+                pos.append(ch.points[k])
+                rad.append(float(ch.radius[k]))
+                obj_i.append(oi)
+                seg_i.append(int(nodes.ctrl_seg[oi][ci][k]))
                 keys.append((obj.key, ci, int(k)))
     if not pos:
-        return Boutons(np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64), [])
-    return Boutons(np.array(pos), np.array(rad), np.array(idx, np.int64), keys)
-
-
-def _local_index(nodes: Nodes) -> np.ndarray:
-    n = len(nodes.obj)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    starts = np.searchsorted(nodes.obj, np.arange(nodes.obj.max() + 1))
-    return np.arange(n) - starts[nodes.obj]
+        return Boutons(np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), [])
+    return Boutons(np.array(pos), np.array(rad), np.array(obj_i, np.int64), np.array(seg_i, np.int64), keys)
 
 
 def find_synapses(params: SynthParams, nodes: Nodes, boutons: Boutons) -> list[Synapse]:
@@ -75,7 +69,7 @@ def find_synapses(params: SynthParams, nodes: Nodes, boutons: Boutons) -> list[S
         return []
     tol = 2.0 * params.gap_nm
     usable = (nodes.seg >= 0) & ~nodes.is_soma
-    every3 = _local_index(nodes) % 3 == 0   # per object, so every block subsamples alike
+    every3 = nodes.sub % 3 == 0   # along each edge, so every block subsamples alike
     post_idx = np.nonzero(usable & every3 & (nodes.comp == DEND))[0]
     all_idx = np.nonzero(usable & every3)[0]
     if len(post_idx) == 0:
@@ -83,9 +77,9 @@ def find_synapses(params: SynthParams, nodes: Nodes, boutons: Boutons) -> list[S
     post_tree = cKDTree(nodes.pos[post_idx])
     all_tree = cKDTree(nodes.pos[all_idx])
     out: list[Synapse] = []
-    for b, rb, bn, key in zip(boutons.pos, boutons.radius, boutons.node, boutons.key):
+    for b, rb, bo, bseg, key in zip(boutons.pos, boutons.radius, boutons.obj, boutons.seg, boutons.key):
         cand = post_idx[post_tree.query_ball_point(b, rb + MAX_RADIUS_NM + tol)]
-        cand = cand[nodes.obj[cand] != nodes.obj[bn]]
+        cand = cand[nodes.obj[cand] != bo]
         if len(cand) == 0:
             continue
         dist = np.linalg.norm(nodes.pos[cand] - b, axis=1)
@@ -112,12 +106,12 @@ def find_synapses(params: SynthParams, nodes: Nodes, boutons: Boutons) -> list[S
             near = all_idx[all_tree.query_ball_point(m, MAX_RADIUS_NM + tol)]
             if len(near):
                 s = np.linalg.norm(nodes.pos[near] - m, axis=1) - nodes.radius[near]
-                if int(nodes.obj[near[np.argmin(s)]]) not in (o, int(nodes.obj[bn])):
+                if int(nodes.obj[near[np.argmin(s)]]) not in (o, int(bo)):
                     continue
             rq = float(nodes.radius[q])
             radius = min(params.cleft_radius_nm, 0.75 * rb, 0.75 * rq)
             sid = (hash_key(params.seed, KIND_SYN_ID, *key, post_key) >> 2) | 1
-            out.append(Synapse(sid, int(nodes.seg_ids[nodes.seg[bn]]), int(nodes.seg_ids[nodes.seg[q]]), m, u,
+            out.append(Synapse(sid, int(nodes.seg_ids[bseg]), int(nodes.seg_ids[nodes.seg[q]]), m, u,
                                radius, b.copy(), m + u * min(rq, 80.0), "spine" if spine else "shaft"))
     out.sort(key=lambda s: s.synapse_id)
     return out
@@ -127,14 +121,14 @@ def vesicles(params: SynthParams, nodes: Nodes, boutons: Boutons, synapses: list
              ) -> tuple[np.ndarray, np.ndarray]:
     """Vesicle centres (nm) and their host segment ids: a cloud in every bouton, a dense one behind every cleft."""
     pos, host = [], []
-    for b, rb, bn, key in zip(boutons.pos, boutons.radius, boutons.node, boutons.key):
+    for b, rb, bseg, key in zip(boutons.pos, boutons.radius, boutons.seg, boutons.key):
         rng = rng_for(params.seed, KIND_BOUTON_VES, *key)
         n = int(params.vesicles_per_bouton * (rb / 150.0) ** 3)
         d = rng.normal(size=(n, 3))
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         r = 0.8 * rb * rng.random(n) ** (1 / 3)
         pos.append(b + d * r[:, None])
-        host.append(np.full(n, nodes.seg_ids[nodes.seg[bn]], np.uint64))
+        host.append(np.full(n, nodes.seg_ids[bseg], np.uint64))
     for s in synapses:
         rng = rng_for(params.seed, KIND_SYN_VES, s.synapse_id)
         n = 50

@@ -20,6 +20,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from storage.errors import ConnectomeError, QueryError
 from storage.store import morton, versions
@@ -50,24 +51,29 @@ CELL_COLUMNS = (
 )
 
 
+def _target_dtype(col: str, has_null: bool) -> str | None:
+    if col in _ID_COLS:
+        return "UInt64" if has_null else "uint64"
+    if col.endswith("_nm") and col != "radius_nm":
+        return "Int32" if has_null else "int32"
+    if col in _INT_COLS:
+        return "Int64" if has_null else "int64"
+    if col in _FLOAT_COLS:
+        return "float32"
+    if col == "valid":
+        return "bool"
+    return None
+
+
 def typed(df: pd.DataFrame) -> pd.DataFrame:
     """Give result columns the same dtypes on every backend (ids uint64, positions int32, scores float32)."""
     for col in df.columns:
         s = df[col]
-        has_null = bool(s.isna().any())
-        if col in _ID_COLS:
-            df[col] = s.astype("UInt64" if has_null else "uint64")
-        elif col.endswith("_nm") and col != "radius_nm":
-            df[col] = s.astype("Int32" if has_null else "int32")
-        elif col in _INT_COLS:
-            df[col] = s.astype("Int64" if has_null else "int64")
-        elif col in _FLOAT_COLS:
-            df[col] = s.astype("float32")
-        elif col == "valid":
-            df[col] = s.astype(bool)
-        elif s.dtype == object and col in ("cell_type", "pre_cell_type", "post_cell_type", "source",
-                                           "classification_system", "compartment", "partner_cell_type"):
-            df[col] = s.astype(object).where(s.notna(), None)
+        target = _target_dtype(col, False)
+        if target is None or str(s.dtype) == target:
+            continue
+        plain = isinstance(s.dtype, np.dtype) and s.dtype.kind in "iub"  # numpy ints/bools hold no nulls
+        df[col] = s.astype(target if plain or not s.isna().any() else _target_dtype(col, True))
     return df
 
 
@@ -143,6 +149,19 @@ def _as_bbox(bbox) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     return lo, hi
 
 
+_ARROW_TARGET = {"uint64": pa.uint64(), "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(),
+                 "bool": pa.bool_()}
+
+
+def arrow_frame(table: pa.Table) -> pd.DataFrame:
+    """Arrow result -> pandas with the result dtypes (casting in Arrow is much cheaper than in pandas)."""
+    for i, field in enumerate(table.schema):
+        target = _target_dtype(field.name, False)
+        if target is not None and field.type != _ARROW_TARGET[target]:
+            table = table.set_column(i, field.name, table.column(i).cast(_ARROW_TARGET[target], safe=False))
+    return typed(table.to_pandas())
+
+
 def _finish(df: pd.DataFrame, version: int, limit: int | None, key: str | None) -> pd.DataFrame:
     next_after = None
     if limit is not None and len(df) > limit:
@@ -198,6 +217,12 @@ class Connectome:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r}, {self.backend.dialect})"
 
+    def _frame(self, sql: str, params: dict) -> pd.DataFrame:
+        """Run a result query; DuckDB hands over Arrow, which becomes pandas with the result dtypes."""
+        if self.backend.dialect == "duckdb":
+            return arrow_frame(self.backend.query_arrow(sql, params))
+        return typed(self.backend.query(sql, params))
+
     # ------------------------------------------------------------ versions
     def versions(self) -> pd.DataFrame:
         """All versions with kind (load/merge/split/undo), status and description."""
@@ -209,6 +234,12 @@ class Connectome:
         return versions.latest_committed(self.backend)
 
     def _v(self, version) -> int:
+        if version is None:
+            # DuckDB: only this process can write the file, so the latest version changes only when one of its
+            # write transactions commits; the backend counts those (PostgreSQL: always ask the server).
+            token = getattr(self.backend, "write_generation", lambda: None)()
+            if token is not None:
+                return self._cached(("latest", token), lambda: versions.resolve(self.backend, None))
         return versions.resolve(self.backend, version)
 
     # ------------------------------------------------------------ helpers
@@ -239,18 +270,17 @@ class Connectome:
             return system
         if not systems:
             return None
-        if len(systems) == 1:
-            return systems[0]
-        if "default" in systems:
-            return "default"
-        raise QueryError(f"several classification systems at version {v} ({systems}); pass classification_system=")
+        # one system decides the type columns: 'default' if present, else the first by name
+        return "default" if "default" in systems else systems[0]
 
     def _ctes(self, q: Sql, v: int, system: str | None) -> str:
         """Common table expressions: m = fragment -> segment, ct = segment -> cell type, at version v."""
         ct_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else ""
+        # PostgreSQL would materialise a CTE used twice (a full id_map scan); inlined, it probes the indexes.
+        inline = "NOT MATERIALIZED " if self.backend.dialect == "postgres" else ""
         return (
-            f"m AS (SELECT i.fragment_id, i.segment_id FROM id_map i WHERE {q.visible('i', v)}), "
-            f"ct AS (SELECT c.segment_id, c.cell_type, c.confidence FROM cell_types c "
+            f"m AS {inline}(SELECT i.fragment_id, i.segment_id FROM id_map i WHERE {q.visible('i', v)}), "
+            f"ct AS {inline}(SELECT c.segment_id, c.cell_type, c.confidence FROM cell_types c "
             f"WHERE {q.visible('c', v)}{ct_filter})"
         )
 
@@ -324,7 +354,7 @@ class Connectome:
         )
         if limit is not None:
             sql += f" LIMIT {q.p(limit + 1)}"
-        return _finish(self.backend.query(sql, q.params), v, limit, "segment_id")
+        return _finish(self._frame(sql, q.params), v, limit, "segment_id")
 
     def cell_type_counts(self, *, classification_system: str | None = None, version=None) -> pd.DataFrame:
         """Number of cells per cell type (columns cell_type, n_cells), most common first."""
@@ -345,13 +375,14 @@ class Connectome:
         push = [q.visible("s", v)]
         if bbox is not None:
             lo, hi = bbox
-            ranges = morton.box_ranges(lo, hi)
-            if not ranges:
-                push.append("FALSE")
-            else:
-                push.append("(" + " OR ".join(f"s.morton BETWEEN {q.p(a)} AND {q.p(b)}" for a, b in ranges) + ")")
-                for axis, a, b in zip("xyz", lo, hi):
-                    push.append(f"s.{axis}_nm >= {q.p(a)} AND s.{axis}_nm < {q.p(b)}")
+            # PostgreSQL answers the Morton ranges from its b-tree; DuckDB prunes row groups with the per-column
+            # min/max of x/y/z directly (an OR of ranges would only add per-row work there).
+            if self.backend.dialect == "postgres":
+                ranges = morton.box_ranges(lo, hi)
+                push.append("(" + " OR ".join(f"s.morton BETWEEN {q.p(a)} AND {q.p(b)}" for a, b in ranges) + ")"
+                            if ranges else "FALSE")
+            for axis, a, b in zip("xyz", lo, hi):
+                push.append(f"s.{axis}_nm >= {q.p(a)} AND s.{axis}_nm < {q.p(b)}")
         if min_score is not None:
             push.append(f"s.score >= {q.p(float(min_score))}")
         if valid_only:
@@ -424,7 +455,7 @@ class Connectome:
         score = _as_number(min_score, "min_score") if min_score is not None else None
         limit = _as_limit(limit)
         cursor = _as_id(after, "after") if after is not None else None
-        system = self._system(v, classification_system) if (pre_types or post_types) else self._system_quiet(v, classification_system)
+        system = self._system(v, classification_system)
         self._check_types(v, pre_types, system, "pre_type")
         self._check_types(v, post_types, system, "post_type")
         q = Sql(self.backend.dialect)
@@ -434,16 +465,8 @@ class Connectome:
         sql += " ORDER BY b.synapse_id"
         if limit is not None:
             sql += f" LIMIT {q.p(limit + 1)}"
-        return _finish(self.backend.query(sql, q.params), v, limit, "synapse_id")
+        return _finish(self._frame(sql, q.params), v, limit, "synapse_id")
 
-    def _system_quiet(self, v: int, system: str | None) -> str | None:
-        """Like _system, but several systems without a choice just means 'no type columns filter' -> default."""
-        try:
-            return self._system(v, system)
-        except QueryError:
-            if system is not None:
-                raise
-            return None
 
     def partners(self, segment_id, direction: str = "out", min_synapses: int = 1, *, valid_only: bool = True,
                  classification_system: str | None = None, version=None) -> pd.DataFrame:
@@ -456,7 +479,7 @@ class Connectome:
         if direction not in ("out", "in"):
             raise QueryError(f"direction must be 'out' or 'in', got {direction!r}")
         n_min = int(_as_number(min_synapses, "min_synapses"))
-        system = self._system_quiet(v, classification_system)
+        system = self._system(v, classification_system)
         q = Sql(self.backend.dialect)
         kw = dict(pre=[seg], post=[]) if direction == "out" else dict(pre=[], post=[seg])
         inner = self._synapse_select(q, v, pre_types=[], post_types=[], bbox=None, min_score=None,
@@ -465,7 +488,7 @@ class Connectome:
         sql = (f"SELECT x.{partner} AS partner_id, count(*) AS n_synapses, min(x.{ptype}) AS partner_cell_type "
                f"FROM ({inner}) x GROUP BY x.{partner} HAVING count(*) >= {q.p(n_min)} "
                "ORDER BY n_synapses DESC, partner_id")
-        return _finish(self.backend.query(sql, q.params), v, None, None)
+        return _finish(self._frame(sql, q.params), v, None, None)
 
     # ------------------------------------------------------------ connectivity
     def connectivity(self, group_by: str = "cell_type", normalize: str | None = None, min_synapses: int = 1, *,

@@ -20,9 +20,11 @@ from storage.errors import ConnectomeError
 from storage.store import schema
 
 # Physical order of tables after a load (zone maps then prune row groups for lookups on the leading column).
-CLUSTER_ORDER = {"synapses": ("pre_fragment_id", "synapse_id")}
+CLUSTER_ORDER = {"synapses": ("pre_fragment_id", "synapse_id"), "id_map": ("segment_id", "fragment_id")}
 
 _names = itertools.count()
+_generations: dict[str, int] = {}  # database path -> number of committed write transactions in this process
+_generations_lock = threading.Lock()
 
 
 class _DuckTx:
@@ -64,14 +66,25 @@ class DuckDBBackend:
     def __init__(self, path: Path | str | None, *, read_only: bool = False, threads: int | None = None):
         self.location = str(path) if path is not None else ":memory:"
         self.read_only = read_only
-        config = {"threads": int(threads)} if threads else {}
         try:
-            self._db = duckdb.connect(self.location, read_only=read_only, config=config)
+            self._db = duckdb.connect(self.location, read_only=read_only)
+        except duckdb.ConnectionException:
+            # the file is already open read-write in this process (DuckDB shares one instance per file and
+            # refuses a second configuration): share it; read-only is then enforced by transaction()
+            self._db = duckdb.connect(self.location)
         except duckdb.IOException as exc:
             raise ConnectomeError(f"connectome store {self.location}: cannot open ({str(exc).splitlines()[0]})") from None
+        if threads:
+            self._db.execute(f"SET threads = {int(threads)}")
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self.parquet_dir: Path | None = None
+        self._key = str(Path(self.location).resolve()) if path is not None else f":memory:{id(self)}"
+
+    def write_generation(self) -> tuple[str, int]:
+        """Changes whenever a write transaction on this database commits in this process (the only writer
+        DuckDB allows), so readers may cache 'the latest version' until it changes."""
+        return (self._key, _generations.get(self._key, 0))
 
     @classmethod
     def over_parquet(cls, directory: Path, threads: int | None = None) -> "DuckDBBackend":
@@ -118,6 +131,8 @@ class DuckDBBackend:
             else:
                 tx.close()
                 cur.execute("COMMIT")
+                with _generations_lock:
+                    _generations[self._key] = _generations.get(self._key, 0) + 1
 
     def init_schema(self) -> None:
         for stmt in schema.ddl("duckdb"):

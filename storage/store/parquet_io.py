@@ -168,3 +168,4 @@ def import_store(store, directory: Path, chunk_rows: int = 1_000_000) -> None:
         backend.execute("ANALYZE")
     else:
         backend.cluster("synapses")
+        backend.cluster("id_map")

@@ -83,6 +83,7 @@ class PostgresBackend:
         self.read_only = read_only
         self._local = threading.local()
         self._write_lock = threading.RLock()
+        self._all: list = []  # every thread's connection, so close() closes them all
         self._conn()  # fail early with a clear message
 
     def _conn(self):
@@ -96,6 +97,7 @@ class PostgresBackend:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConnectomeError(f"connectome store {self._safe_location()}: cannot connect ({first})") from None
         self._local.conn = conn
+        self._all.append(conn)
         return conn
 
     def _safe_location(self) -> str:
@@ -173,3 +175,9 @@ class PostgresBackend:
 
     def close(self) -> None:
         self._drop()
+        for conn in self._all:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._all.clear()

@@ -188,10 +188,12 @@ class ConnectomeStore(Connectome):
         if versions.status_of(self.backend, version) != "pending":
             raise ConnectomeError(f"cannot commit version {version}: it is {versions.status_of(self.backend, version)}")
         if self.backend.dialect == "duckdb":
-            wrote = self.backend.query("SELECT count(*) AS n FROM load_batches WHERE version = $v AND "
-                                       "table_name = 'synapses'", {"v": int(version)})["n"].iloc[0]
-            if wrote:
+            wrote = set(self.backend.query("SELECT DISTINCT table_name FROM load_batches WHERE version = $v",
+                                           {"v": int(version)})["table_name"])
+            if "synapses" in wrote:
                 self.backend.cluster("synapses")
+            if wrote & {"synapses", "id_map"}:
+                self.backend.cluster("id_map")
         with self.backend.transaction() as tx:
             versions.commit(tx, version)
         if self.backend.dialect == "postgres":

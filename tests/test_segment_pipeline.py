@@ -1,0 +1,150 @@
+"""Whole-volume segmentation on Dask: block invariance, resume after a killed driver, readable outputs.
+
+Uses the packaged small FFN trained on synthetic data, a real LocalCluster, real TensorStore volumes and the
+DuckDB store. The volume is small so the module runs in about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cluster import ClusterConfig, open_client
+from pipeline.metrics import evaluate
+from pipeline.segmentation import SegmentConfig, run_segmentation
+from pipeline.synthetic import SynthParams, generate_box
+from storage.box import Box
+from storage.volume import create_volume, open_volume
+
+SHAPE = (32, 128, 128)
+MODEL = "synthetic_small"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model_available() -> bool:
+    from ffn.model import MODELS_DIR
+
+    return (MODELS_DIR / MODEL / "config.json").exists()
+
+
+pytestmark = pytest.mark.skipif(not _model_available(), reason="packaged FFN model synthetic_small missing")
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segvol")
+    params = SynthParams(seed=7, shape_zyx=SHAPE)
+    arrays = generate_box(params, Box.from_shape(SHAPE))
+    raw = create_volume(str(root / "raw.zarr"), shape_zyx=SHAPE, dtype="uint8",
+                        voxel_size_xyz_nm=params.voxel_size_xyz_nm, chunk_shape_zyx=(16, 32, 32))
+    raw.write(raw.bounds, arrays["raw"])
+    return root, arrays["gt"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with open_client(ClusterConfig(workers=2, threads_per_worker=1, dashboard=False)) as c:
+        yield c
+
+
+def _segment(client, root: Path, name: str, block_shape, **kw) -> np.ndarray:
+    config = SegmentConfig(input=str(root / "raw.zarr"), output=str(root / name), model=MODEL,
+                           block_shape=block_shape, overlap=(8, 16, 16), **kw)
+    run_segmentation(config, client, progress=False)
+    return open_volume(f"precomputed://{root / name / 'segmentation'}").read(Box.from_shape(SHAPE))
+
+
+def face_cuts(seg: np.ndarray, gt: np.ndarray, faces: list[tuple[int, int]]) -> int:
+    """Ground-truth objects whose dominant label changes across a face plane (axis, index of the first voxel
+    after the face), summed over faces."""
+    cuts = 0
+    for axis, p in faces:
+        a = np.take(seg, p - 1, axis=axis).ravel()
+        b = np.take(seg, p, axis=axis).ravel()
+        g = np.take(gt, p - 1, axis=axis).ravel()
+        same = (g != 0) & (g == np.take(gt, p, axis=axis).ravel())
+        for obj in np.unique(g[same]):
+            sel = same & (g == obj)
+            pairs, counts = np.unique(np.stack([a[sel], b[sel]]), axis=1, return_counts=True)
+            da, db = pairs[:, np.argmax(counts)]
+            cuts += int(da != db or da == 0)
+    return cuts
+
+
+@pytest.fixture(scope="module")
+def one_and_many(client, volume):
+    root, gt = volume
+    one = _segment(client, root, "one", SHAPE)
+    many = _segment(client, root, "many", (16, 64, 64))
+    return one, many, gt
+
+
+def test_block_invariance(one_and_many):
+    one, many, gt = one_and_many
+    assert len(np.unique(one)) > 5, "the model should find objects"
+    diff = evaluate(many, one)
+    assert diff.voi <= 0.05 + 1e-9 or diff.voi <= 0.05, f"VOI between 1-block and 2x2x2 runs {diff.voi:.3f}"
+    assert diff.arand <= 0.01, f"ARAND between 1-block and 2x2x2 runs {diff.arand:.4f}"
+    faces = [(0, 16), (1, 64), (2, 64)]
+    assert face_cuts(many, gt, faces) <= face_cuts(one, gt, faces)
+
+
+def test_outputs_open_in_cloudvolume_and_store(one_and_many, volume):
+    from cloudvolume import CloudVolume
+
+    from storage import Connectome
+
+    root, _ = volume
+    _, many, _ = one_and_many
+    cv = CloudVolume(f"file://{root / 'many' / 'segmentation'}", progress=False, fill_missing=False)
+    arr = np.asarray(cv[:, :, :])[..., 0]  # xyz
+    np.testing.assert_array_equal(arr.transpose(2, 1, 0), many)
+    assert len(cv.available_mips) >= 2
+    cells = Connectome.open(str(root / "many" / "connectome.duckdb")).cells()
+    ids = set(np.unique(many).tolist()) - {0}
+    assert set(cells["segment_id"].astype(int)) == ids
+    counts = dict(zip(cells["segment_id"].astype(int), cells["voxel_count"].astype(int)))
+    some = sorted(ids)[0]
+    assert counts[some] == int((many == some).sum())
+
+
+def _cli(root: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "segment", "--input", str(root / "raw.zarr"),
+            "--output", str(root / name), "--model", MODEL, "--block-shape", "16", "64", "64",
+            "--overlap", "8", "16", "16", "--workers", "2"]
+
+
+def test_resume_after_killed_driver(volume, one_and_many):
+    root, _ = volume
+    _, many, _ = one_and_many
+    # same parameters as "many", through the CLI; kill the driver once segment has finished some blocks
+    from storage.ledger import read_done_count
+
+    proc = subprocess.Popen(_cli(root, "killed"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ledger = root / "killed" / "work" / "ledgers"
+    deadline = time.time() + 300
+    done_before = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done_before = read_done_count(ledger, "segment")
+        except Exception:
+            done_before = 0
+        if done_before >= 1:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(_cli(root, "killed"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert 1 <= done_before < 8, "the driver should have been killed part way through segment"
+    assert f"{done_before} done in ledger" in out.stderr, out.stderr
+    resumed = open_volume(f"precomputed://{root / 'killed' / 'segmentation'}").read(Box.from_shape(SHAPE))
+    np.testing.assert_array_equal(resumed, many)
