@@ -48,14 +48,11 @@ def parse_args(argv=None):
 
 
 def scores(seg, gt) -> dict:
-    import numpy as np
+    from pipeline.metrics import evaluate
 
-    from pipeline.metrics import adapted_rand_error, voi
-
-    split, merge = voi(seg, gt)
-    return {"voi": round(split + merge, 4), "voi_split": round(split, 4), "voi_merge": round(merge, 4),
-            "arand": round(float(adapted_rand_error(seg, gt)), 4),
-            "segments": int(np.unique(seg[seg != 0]).size)}
+    s = evaluate(seg, gt)
+    return {"voi": round(s.voi, 4), "voi_split": round(s.voi_split, 4), "voi_merge": round(s.voi_merge, 4),
+            "arand": round(s.arand, 4), "segments": s.segments}
 
 
 def run_ffn(model, image, name: str) -> tuple[object, dict]:
@@ -82,8 +79,8 @@ def fib25_folder(tmp: Path) -> Path | None:
     return Path(import_checkpoint(CKPT, tmp / "fib25"))
 
 
-def evaluate(name: str, train_raw, train_gt, test_raw, test_gt, our_model, fib25) -> dict:
-    from pipeline.baseline import watershed_baseline
+def evaluate(name: str, train_raw, train_gt, test_raw, test_gt, voxel_size_xyz_nm, our_model, fib25) -> dict:
+    from pipeline.baseline import best_baseline, watershed_baseline
 
     print(f"{name}: test volume {test_raw.shape[::-1]} (XYZ)", flush=True)
     out: dict[str, dict] = {}
@@ -94,8 +91,10 @@ def evaluate(name: str, train_raw, train_gt, test_raw, test_gt, our_model, fib25
         seg, extra["fib25"] = run_ffn(fib25, test_raw, "fib25")
         out["fib25"] = scores(seg, test_gt)
     t = time.perf_counter()
-    seg, chosen = watershed_baseline(train_raw, train_gt, test_raw)
-    extra["baseline"] = {"seconds": round(time.perf_counter() - t, 1), **chosen}
+    params, train_scores, _ = best_baseline(train_raw, train_gt, voxel_size_xyz_nm)  # chosen on training data
+    seg = watershed_baseline(test_raw, voxel_size_xyz_nm, params)
+    extra["baseline"] = {"seconds": round(time.perf_counter() - t, 1), "params": params.to_json(),
+                         "train_voi": round(train_scores.voi, 3)}
     out["baseline"] = scores(seg, test_gt)
     for method, s in out.items():
         print(f"  {method:9s} VOI {s['voi']:.3f} (split {s['voi_split']:.3f}, merge {s['voi_merge']:.3f}) "
@@ -125,15 +124,16 @@ def main(argv=None) -> int:
                     train_raw, train_gt = f["raw"][slice(*TRAIN_Z), xy, xy], f["gt"][slice(*TRAIN_Z), xy, xy]
                     test_raw, test_gt = f["raw"][slice(*VAL_Z), xy, xy], f["gt"][slice(*VAL_Z), xy, xy]
                 result["medulla_val"] = evaluate("medulla_val", train_raw, train_gt, test_raw, test_gt,
-                                                 args.medulla_model, fib25)
+                                                 (10.0, 10.0, 10.0), args.medulla_model, fib25)
         if "synthetic" in parts:
             from pipeline.synthetic import SynthParams, generate_box
 
             shape = tuple(int(v) for v in args.synthetic_shape.split(","))
-            test = generate_box(SynthParams(seed=SYNTH_TEST_SEED, shape_zyx=shape), ((0, 0, 0), shape))
+            test_params = SynthParams(seed=SYNTH_TEST_SEED, shape_zyx=shape)
+            test = generate_box(test_params, ((0, 0, 0), shape))
             train = generate_box(SynthParams(seed=SYNTH_TRAIN_SEED, shape_zyx=shape), ((0, 0, 0), shape))
             result["synthetic"] = evaluate("synthetic", train["raw"], train["gt"], test["raw"], test["gt"],
-                                           args.synthetic_model, fib25)
+                                           test_params.voxel_size_xyz_nm, args.synthetic_model, fib25)
     print(json.dumps(result))
     return 0
 

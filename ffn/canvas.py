@@ -234,7 +234,9 @@ class Canvas:
         """Floods that need a model step now (each has ``.pos``); finishes and replaces completed ones."""
         active: list[Flood] = []
         for f in self.floods:  # commit finished floods at once, in order, so later floods see them
-            if self._advance(f):
+            if any(g.seed[f.start] >= self.t_segment for g in active):
+                self._yield_to_earlier(f)
+            elif self._advance(f):
                 active.append(f)
             else:
                 self._finish(f)
@@ -249,6 +251,16 @@ class Canvas:
                 self.floods.pop()
                 self._finish(f)
         return list(self.floods)
+
+    def _yield_to_earlier(self, flood: Flood) -> None:
+        """An earlier flood already covers this flood's start: both grow the same object. Sequentially this
+        seed would come after that object and be skipped, so drop the flood and retry the seed later (it is
+        skipped then if the earlier object was accepted over it)."""
+        self.counters["aborted_claimed"] += 1
+        self.counters["steps_rejected"] += flood.steps
+        flood.steps = 0
+        self._finish(flood)
+        self._deferred.insert(0, flood.start)
 
     @property
     def done(self) -> bool:

@@ -16,6 +16,7 @@ from storage.errors import ConnectomeError
 
 # name -> module under pipeline.commands (keep sorted)
 COMMANDS: dict[str, str] = {
+    "evaluate": "evaluate",
     "import": "import_volume",
     "import-ffn": "import_ffn",
     "info": "info",
@@ -23,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "publish": "publish",
     "query": "query",
     "segment": "segment",
+    "synth": "synth",
     "train": "train",
     "view": "view",
 }

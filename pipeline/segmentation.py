@@ -55,6 +55,9 @@ class SegmentConfig:
     inference: dict = field(default_factory=dict)
     min_overlap_voxels: int = 50
     min_overlap_fraction: float = 0.5
+    match_band: float = 0.5  # match fragments within this fraction of the overlap on each side of a block face
+    seed_context: tuple[int, int, int] | None = None  # image read around a read box for seeds; default = overlap
+    seed_reach: float | None = 0.5  # seeds only within this fraction of the overlap outside the write box
     agglomerate: bool = True
     agglomeration: AgglomerationParams = field(default_factory=AgglomerationParams)
     pyramid_levels: int = 2
@@ -79,6 +82,13 @@ class SegmentConfig:
         if any(r < 1 or r != int(r) or int(r) & (int(r) - 1) for r in ratios):
             raise ConfigError(f"segment config: block_shape {list(self.block_shape)} must be chunk_shape "
                               f"{list(self.chunk_shape)} times a power of two per axis (one block = one shard)")
+        if not 0 < self.match_band <= 1:
+            raise ConfigError(f"segment config: field 'match_band' must be in (0, 1], got {self.match_band}")
+        if self.seed_reach is not None and not 0 <= self.seed_reach <= 1:
+            raise ConfigError(f"segment config: field 'seed_reach' must be in [0, 1] or null, got {self.seed_reach}")
+        if self.seed_context is not None and (len(self.seed_context) != 3 or any(int(x) < 0 for x in self.seed_context)):
+            raise ConfigError(f"segment config: field 'seed_context' must be 3 non-negative integers (ZYX), "
+                              f"got {list(self.seed_context)}")
         if not 0 < self.min_overlap_fraction <= 1:
             raise ConfigError(f"segment config: field 'min_overlap_fraction' must be in (0, 1], got {self.min_overlap_fraction}")
 
@@ -138,11 +148,13 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
     seg_results = timer.run("segment", run_blockwise, "segment", grid, segment_block, params=dict(
         input_spec=source.spec, fragments_spec=fragments.spec, work_dir=str(work / "segment"), model_dir=model_dir,
         stride=stride, inference=dict(config.inference), fill_missing=config.fill_missing,
+        seed_context=list(_zyx(config.seed_context if config.seed_context is not None else overlap_zyx)),
+        seed_reach=None if config.seed_reach is None else [int(round(config.seed_reach * h)) for h in overlap_zyx],
     ), client=client, ledger_dir=ledgers, resources=resources, restart=config.restart, progress=progress)
 
     rec_results = timer.run("reconcile", run_blockwise, "reconcile", grid, reconcile_block, params=dict(
         grid_json=grid.to_json(), work_dir=str(work / "segment"), stride=stride,
-        min_voxels=config.min_overlap_voxels, min_fraction=config.min_overlap_fraction,
+        min_voxels=config.min_overlap_voxels, min_fraction=config.min_overlap_fraction, match_band=config.match_band,
     ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
 
     t0 = time.perf_counter()

@@ -221,3 +221,38 @@ def test_viewer_draws_every_layer_and_proofreads_into_the_store(run_dir, browser
         assert proofreader.done.wait(15)
         assert proofreader.last_result.kind == "undo" and c.fragments(33) == [301, 302]
         assert c.version == split.version + 1
+
+
+def test_sharded_multiresolution_meshes_render(tmp_path, browser_page):
+    """neuroglancer_multilod_draco, sharded: the 3D panel shows the three cells, fetched by byte ranges."""
+    from viz.meshes import mesh_labels
+    from viz.multires_meshes import MultiresOptions, write_multires_meshes
+    from viz.precomputed_volume import PyramidSpec, link_segmentation_extras, write_pyramid
+    from viz.viewer import open_viewer
+
+    _, seg, _ = viz_sample.make_volumes()
+    run = tmp_path / "run"
+    write_pyramid(run / "segmentation", seg, PyramidSpec("segmentation", viz_sample.VOXEL_SIZE_XYZ))
+    write_multires_meshes(run / "segmentation" / "mesh", mesh_labels(seg, viz_sample.VOXEL_SIZE_XYZ),
+                          viz_sample.VOXEL_SIZE_XYZ, options=MultiresOptions(chunk_voxels=16), sharded=True)
+    link_segmentation_extras(run / "segmentation", mesh="mesh")
+    page = browser_page
+    with open_viewer(run, segments=[11, 22, 33], layout="3d", record_requests=True) as session:
+        with session.viewer.txn() as s:
+            s.show_slices = False
+        page.goto(session.url)
+        page.wait_for_selector(".neuroglancer-rendered-data-panel")
+        time.sleep(1.0)
+        (box,) = _panels(page)
+
+        def drawn(img):
+            return _masks(_crop(img, box))["colour"].mean() > 0.08
+
+        img = _wait_for(page, "viewer_multires_meshes.png", drawn)
+        panel = _crop(img, box)
+        colour = _masks(panel)["colour"]
+        assert colour.mean() > 0.08, "multi-resolution meshes not drawn"
+        hues = {tuple(c) for c in (panel[colour] // 64).tolist()}
+        assert len(hues) >= 3
+        ranged = [p for p, status in session.server.requests if p.startswith("/segmentation/mesh/") and status == 206]
+        assert ranged and all(p.endswith(".shard") for p in ranged)

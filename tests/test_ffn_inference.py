@@ -256,4 +256,6 @@ def test_options_and_errors(grow):
         segment_volume(np.zeros((4, 20, 20), np.uint8), forward, cfg)
     with pytest.raises(ConfigError, match="seed_policy"):
         segment_volume(tubes(), forward, cfg, seed_policy="nope")
-    assert isinstance(PolicyPeaks()(Canvas(tubes(), cfg, seed_policy="grid")), object)
+    canvas = Canvas(tubes(), cfg, seed_policy="grid")
+    seeds = list(PolicyPeaks()(canvas))
+    assert seeds and all(4 <= p[i] < tubes().shape[i] - 4 for p in seeds for i in range(3))  # FOV fits

@@ -67,65 +67,66 @@ def test_batch_failing_half_way_leaves_previous_version_intact(backend_name, tmp
 
 
 LOADER = """
-import sys, time
-from storage.store import ConnectomeStore
-from storage.store.synthetic import synthetic_connectome
-store = ConnectomeStore.open(sys.argv[1])
-tables = synthetic_connectome(60, 3000, seed=2)
-v = store.begin_load("second load", resume=True)
-syn = tables["synapses"]
-import pyarrow as pa
-i = syn.schema.get_field_index("synapse_id")
-syn = syn.set_column(i, "synapse_id", pa.array(syn["synapse_id"].to_numpy() + 100000))
-for i in range(6):
-    store.write_synapses(syn.slice(i * 500, 500), version=v)
-    print("batch", i, flush=True)
-    time.sleep(float(sys.argv[2]))
-store.commit(v)
-print("committed", v, flush=True)
+def second_load(location, pause):
+    import time
+    import pyarrow as pa
+    from storage.store import ConnectomeStore
+    from storage.store.synthetic import synthetic_connectome
+    store = ConnectomeStore.open(location)
+    syn = synthetic_connectome(60, 3000, seed=2)["synapses"]
+    i = syn.schema.get_field_index("synapse_id")
+    syn = syn.set_column(i, "synapse_id", pa.array(syn["synapse_id"].to_numpy() + 100000))
+    v = store.begin_load("second load", resume=True)
+    for b in range(6):
+        store.write_synapses(syn.slice(b * 500, 500), version=v)
+        print("batch", b, flush=True)
+        time.sleep(pause)
+    store.commit(v)
+    print("committed", v, flush=True)
+    store.close()
 """
 
 
-def _run_loader(location: str, pause: float, kill_after: int | None) -> str:
-    proc = subprocess.Popen([sys.executable, "-c", LOADER, location, str(pause)], stdout=subprocess.PIPE,
+def _second_load_here(location: str) -> None:
+    namespace: dict = {}
+    exec(LOADER, namespace)
+    namespace["second_load"](location, 0.0)
+
+
+def _kill_loader_after(location: str, batches: int) -> str:
+    """Run the second load in a fresh process and SIGKILL it once `batches` batches are committed."""
+    script = LOADER + "\nimport sys\nsecond_load(sys.argv[1], 0.5)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script, location], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines = []
-    if kill_after is not None:
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if line.startswith(f"batch {kill_after}"):
-                proc.send_signal(signal.SIGKILL)
-                break
+    for line in proc.stdout:
+        lines.append(line.strip())
+        if line.startswith(f"batch {batches - 1}"):
+            proc.send_signal(signal.SIGKILL)
+            break
     out, err = proc.communicate(timeout=120)
-    if kill_after is None:
-        assert proc.returncode == 0, err
-    else:
-        assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, err
     return "\n".join(lines) + out
 
 
 def test_killed_loader_resumes_to_identical_content(backend_name, tmp_path):
     tables = synthetic_connectome(60, 3000, seed=2)
-    stores = []
-    for name in ("killed", "clean"):
-        store = new_store(backend_name, tmp_path, name)
+    killed = new_store(backend_name, tmp_path, "killed")
+    clean = new_store(backend_name, tmp_path, "clean")
+    for store in (killed, clean):
         v1 = load(store, tables)
-        stores.append((store, store.location))
-    # undisturbed run
-    clean, clean_loc = stores[1]
-    clean.close()
-    _run_loader(clean_loc, 0.0, None)
-    # killed after 2 batches, then resumed
-    killed, killed_loc = stores[0]
+    killed_loc, clean_loc = killed.location, clean.location
     before = killed.synapses(pre=7)
     killed.close()
-    out = _run_loader(killed_loc, 0.3, kill_after=1)
+    clean.close()
+    _second_load_here(clean_loc)  # undisturbed
+    out = _kill_loader_after(killed_loc, batches=2)
     assert "committed" not in out
     with ConnectomeStore.open(killed_loc) as store:
         assert store.version == v1  # the half-done version is invisible
         pd.testing.assert_frame_equal(store.synapses(pre=7), before)
         assert store.backend.query("SELECT count(*) AS n FROM load_batches WHERE version = 2")["n"].iloc[0] >= 2
-    _run_loader(killed_loc, 0.0, None)  # resume: skips the recorded batches
+    _second_load_here(killed_loc)  # resume: skips the recorded batches, writes the rest
     with ConnectomeStore.open(killed_loc) as a, ConnectomeStore.open(clean_loc) as b:
         assert a.version == b.version == v1 + 1
         pd.testing.assert_frame_equal(_dump(a), _dump(b))

@@ -306,3 +306,15 @@ def test_multires_meshes_read_back_with_cloudvolume(tmp_path, sample, sharded):
         coarse = vol.mesh.get(sid, lod=2)
         coarse = coarse[sid] if isinstance(coarse, dict) else coarse
         assert 0 < len(coarse.faces) < len(fine.faces)
+
+
+def test_spatial_index_terminates_when_annotations_pile_up_at_one_spot(tmp_path):
+    from neuroglancer.read_precomputed_annotations import AnnotationReader
+
+    syn = _random_synapses(400)
+    for col in [c for c in syn.columns if c.endswith("_nm")]:
+        syn[col] = 100  # every synapse at the same point: no grid refinement ever separates them
+    info = write_synapse_annotations(tmp_path / "syn", syn, AnnotationOptions(limit=10))
+    assert len(info["spatial"]) <= 16
+    reader = AnnotationReader(f"file://{tmp_path / 'syn'}/")
+    assert {int(a.id) for a in reader.get_within_spatial_bounds()} == set(syn.synapse_id.tolist())

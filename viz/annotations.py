@@ -117,6 +117,9 @@ def _next_chunk(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return chunk / factor, factor
 
 
+MAX_SPATIAL_LEVELS = 16  # the last level takes everything left (many annotations at one spot would never thin out)
+
+
 def spatial_levels(
     ids: np.ndarray, lower: np.ndarray, upper: np.ndarray, lo: np.ndarray, hi: np.ndarray, limit: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[tuple[int, int, int], np.ndarray]]]:
@@ -124,11 +127,14 @@ def spatial_levels(
 
     `lo`/`hi` are per-annotation bounding boxes; an annotation belongs to every cell its box touches.
     """
+    if limit < 1:
+        raise ConnectomeError(f"spatial index limit must be at least 1, got {limit}")
     extent = upper - lower
     grid = np.ones(3, np.int64)
     chunk = extent.astype(np.float64)
     remaining = np.arange(len(ids))
     u = _uniform_from_ids(ids)
+    level = 0
     while remaining.size:
         c_lo = np.clip(np.floor((lo[remaining] - lower) / chunk).astype(np.int64), 0, grid - 1)
         c_hi = np.clip(np.floor((hi[remaining] - lower) / chunk).astype(np.int64), 0, grid - 1)
@@ -142,9 +148,9 @@ def spatial_levels(
         d1 = (k // s[:, 0]) % s[:, 1]
         d2 = k // (s[:, 0] * s[:, 1])
         cells = c_lo[owner] + np.stack([d0, d1, d2], axis=1)
-        flat = np.ravel_multi_index(cells.T, tuple(grid))
-        max_count = np.bincount(flat).max()
-        p = min(1.0, limit / max_count)
+        flat = np.ravel_multi_index(cells.T, tuple(int(g) for g in grid))
+        max_count = np.unique(flat, return_counts=True)[1].max()
+        p = 1.0 if level == MAX_SPATIAL_LEVELS - 1 else min(1.0, limit / max_count)
         emit_mask = u[remaining] < p if p < 1.0 else np.ones(remaining.size, bool)
         keep = emit_mask[owner]
         by_cell: dict[tuple[int, int, int], np.ndarray] = {}
@@ -160,6 +166,7 @@ def spatial_levels(
         remaining = remaining[~emit_mask]
         chunk, factor = _next_chunk(chunk)
         grid = grid * factor
+        level += 1
 
 
 def write_synapse_annotations(

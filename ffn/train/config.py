@@ -42,6 +42,7 @@ class TrainConfig:
     volumes: tuple[TrainingVolume, ...]
     output_dir: str
     export_dir: str | None = None  # model folder refreshed at every checkpoint (config.json + weights)
+    init_from: str | None = None  # model folder/name: start from its weights where layer names and shapes match
     batch_size: int = 4
     max_steps: int = 10000
     max_wall_s: float | None = None  # stop (with a checkpoint) after this much wall time in this process

@@ -96,6 +96,8 @@ class Trainer:
 
         keras.utils.set_random_seed(config.random_seed)
         self.model = build_model(fc)
+        if config.init_from:
+            self._init_from(config.init_from)
         opt = config.optimizer
         lr = opt.learning_rate
         if opt.decay_steps:
@@ -172,6 +174,21 @@ class Trainer:
             crop_centered(slot.example.seed, slot.position, fov)[...] = pred[..., 0]
 
     # ---- model ---------------------------------------------------------------------------------------------------
+    def _init_from(self, source: str) -> None:
+        """Warm start: copy conv weights from another model folder by layer name where the shapes match (e.g. the
+        first residual modules of the imported FIB-25 model into a shallower network)."""
+        from ffn.model import get_conv_weights, load_model
+
+        src, _ = load_model(source)
+        weights = get_conv_weights(src)
+        copied = []
+        for layer in self.model.layers:
+            if layer.name in weights and [tuple(w.shape) for w in layer.get_weights()] == [
+                    w.shape for w in weights[layer.name]]:
+                layer.set_weights(list(weights[layer.name]))
+                copied.append(layer.name)
+        self.log(f"train: initialised {len(copied)} layer(s) from {source}")
+
     def _make_train_step(self, tf):
         model, optimizer = self.model, self.optimizer
 

@@ -89,6 +89,29 @@ def build_lookup(fragment_ids: np.ndarray, equivalences: np.ndarray) -> pd.DataF
     return pd.DataFrame({"fragment_id": fragment_ids, "segment_id": segment})
 
 
+def match_box(block, other, halo, band: float):
+    """The part of the two read boxes' overlap where matching happens: the slab of half-width
+    ``max(1, round(band * halo))`` around the shared write face (axis-wise), clipped to the overlap.
+
+    Near its read-box border a block sees little context (the FOV runs out of image, objects are cut), so its
+    labels there are the least reliable; around the write face both blocks are at least ``halo / 2`` away from
+    their borders, and the face is where the final segmentation switches from one block's labels to the other's.
+    """
+    from storage.box import Box
+
+    shared = block.read.intersect(other.read)
+    if shared.empty or band >= 1.0:
+        return shared
+    axis = next(i for i in range(3) if block.index[i] != other.index[i])
+    lo_block = block if block.index[axis] < other.index[axis] else other
+    face = lo_block.write.stop[axis]
+    half = max(1, int(round(band * halo[axis])))
+    start, stop = list(shared.start), list(shared.stop)
+    start[axis] = max(start[axis], face - half)
+    stop[axis] = min(stop[axis], face + half)
+    return Box(tuple(start), tuple(stop))
+
+
 def reconcile_block(
     block,
     *,
@@ -97,8 +120,10 @@ def reconcile_block(
     stride: int,
     min_voxels: int,
     min_fraction: float,
+    match_band: float = 1.0,
 ) -> dict:
-    """Match this block's fragments with those of its forward face neighbours in their shared overlap."""
+    """Match this block's fragments with those of its forward face neighbours in the central part of their overlap
+    (``match_band`` = fraction of the halo on each side of the face; 1 = the whole overlap)."""
     from pipeline.stages.segment import load_side_file, to_global
     from storage.box import BlockGrid
 
@@ -110,7 +135,7 @@ def reconcile_block(
         if other_id < block.block_id:
             continue  # each pair once, handled by the lower id
         other = grid.block(other_id)
-        shared = block.read.intersect(other.read)
+        shared = match_box(block, other, grid.halo, match_band)
         if shared.empty:
             continue
         theirs = to_global(load_side_file(work_dir, other_id), other_id, stride)

@@ -4,13 +4,24 @@ A block segments its whole read box (write box + overlap) so that objects crossi
 from both sides; it writes only its write box into the fragments volume (one writer per chunk/shard) and keeps
 the read-box labels in a small side file, which reconcile needs to compare the two blocks' views of the overlap.
 Fragment ids are ``block_id * stride + local_id``: unique by construction, no coordination between blocks.
+
+Block invariance (a volume cut into blocks segments like one block) needs the FFN to make the same decisions on
+the voxels near a block face in both blocks that see them. Two things here make the blocks agree:
+- seeds come from the image around the read box, not from the read box alone (``seed_context``): the seed
+  policy's adaptive edge threshold and distance transform would otherwise move or drop peaks near the read-box
+  border, and the first-come rule turns a different seed into a different object; seeds are kept in global
+  (z, y, x) order, the order the one-block run uses;
+- seeds are only taken in the write box grown by ``seed_reach`` voxels: an object seeded in the outer rim of
+  the read box is cut by the read-box border and would claim, first come, voxels of the overlap that the
+  neighbour block (which sees the whole object) gives to another object.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -52,6 +63,58 @@ def to_global(local: np.ndarray, block_id: int, stride: int) -> np.ndarray:
     return out
 
 
+def position_noise(box) -> np.ndarray:
+    """Tie-breaking noise in [0, 1e-4) that is a function of the global voxel position only (ffn.seeds draws it
+    from a RandomState over the array shape, so the same voxel would get different noise in different blocks)."""
+    z, y, x = (np.arange(a, b, dtype=np.uint64) for a, b in zip(box.start, box.stop))
+    h = (z[:, None, None] * np.uint64(73856093)) ^ (y[None, :, None] * np.uint64(19349663)) \
+        ^ (x[None, None, :] * np.uint64(83492791))
+    h = (h * np.uint64(2654435761)) % np.uint64(1 << 20)
+    return (h.astype(np.float32) / np.float32(1 << 20)) * np.float32(1e-4)
+
+
+def global_peak_coords(image: np.ndarray, box, min_distance: int = 3) -> np.ndarray:
+    """``ffn.seeds.peak_coords`` (distance-transform peaks of non-edge voxels) with position-based tie-breaking;
+    global (z, y, x) coordinates, sorted ascending."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+
+    img = np.asarray(image, dtype=np.float32)
+    edges = ndimage.generic_gradient_magnitude(img, ndimage.sobel)
+    filt_edges = edges > ndimage.gaussian_filter(edges, 49.0 / 6.0, mode="reflect")
+    dt = ndimage.distance_transform_edt(~filt_edges).astype(np.float32)
+    idxs = peak_local_max(dt + position_noise(box), min_distance=min_distance, threshold_abs=0, threshold_rel=0,
+                          exclude_border=False)
+    if len(idxs) == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    idxs = np.asarray(idxs, dtype=np.int64) + np.asarray(box.start, dtype=np.int64)
+    return idxs[np.lexsort((idxs[:, 2], idxs[:, 1], idxs[:, 0]))]
+
+
+@dataclass(frozen=True)
+class BlockSeeds:
+    """A seed policy for one block: fixed positions (read-box coordinates) in global (z, y, x) order."""
+
+    coords: tuple
+
+    def __call__(self, canvas) -> Iterator[tuple[int, int, int]]:
+        return iter(self.coords)
+
+
+def block_seeds(volume, block: Block, *, context: Sequence[int], reach: Sequence[int] | None,
+                margin: Sequence[int], min_distance: int = 3) -> BlockSeeds:
+    """Peaks of the image around the read box (read box + context, clipped to the volume), kept where a FOV fits
+    in the read box and within `reach` of the write box; coordinates relative to the read box."""
+    ctx = block.read.grow(tuple(int(c) for c in context)).intersect(volume.bounds)
+    coords = global_peak_coords(volume.read(ctx), ctx, min_distance=min_distance)
+    allowed = block.read.grow(tuple(-int(m) for m in margin))
+    if reach is not None:
+        allowed = allowed.intersect(block.write.grow(tuple(int(r) for r in reach)))
+    ok = np.all(coords >= np.asarray(allowed.start), axis=1) & np.all(coords < np.asarray(allowed.stop), axis=1)
+    rel = coords[ok] - np.asarray(block.read.start)
+    return BlockSeeds(tuple((int(z), int(y), int(x)) for z, y, x in rel))
+
+
 def segment_block(
     block: Block,
     *,
@@ -62,13 +125,20 @@ def segment_block(
     stride: int,
     inference: dict,
     fill_missing: bool = False,
+    seed_context: Sequence[int] = (0, 0, 0),
+    seed_reach: Sequence[int] | None = None,
 ) -> dict:
     """FFN over the read box -> fragments in the write box; returns fragment ids and sizes (small metadata)."""
     from ffn.inference import segment_volume
 
-    image = open_volume(input_spec, fill_missing=fill_missing).read(block.read)
+    volume = open_volume(input_spec, fill_missing=fill_missing)
+    image = volume.read(block.read)
     model, config = _model(model_dir)
-    local, stats = segment_volume(image, model, config, **inference)
+    options = dict(inference)
+    if "seed_policy" not in options:
+        margin = tuple(f // 2 for f in config.fov_size)
+        options["seed_policy"] = block_seeds(volume, block, context=seed_context, reach=seed_reach, margin=margin)
+    local, stats = segment_volume(image, model, config, **options)
     local = np.asarray(local)
     if local.max(initial=0) >= stride:
         raise RuntimeError(f"block {block.block_id}: {int(local.max())} local ids exceed the id stride {stride}")

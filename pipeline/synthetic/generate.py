@@ -17,7 +17,7 @@ from pipeline.synthetic.labels import build_nodes, compute_labels, label_pad_vox
 from pipeline.synthetic.morphology import MAX_RADIUS_NM, objects_near
 from pipeline.synthetic.params import SynthParams
 from pipeline.synthetic.render import render, render_pad_voxels
-from pipeline.synthetic.synapses import boutons_in, find_synapses, vesicles
+from pipeline.synthetic.synapses import SYNAPSE_NODE_SPACING_NM, boutons_in, find_synapses, vesicles
 from storage.box import Box
 from storage.errors import ConnectomeError
 
@@ -60,10 +60,14 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
     node_lo = np.minimum(np.array(lbox.start) * vs, np.array(rbox.start) * vs - SYNAPSE_CONTEXT_NM)
     node_hi = np.maximum(np.array(lbox.stop) * vs, np.array(rbox.stop) * vs + SYNAPSE_CONTEXT_NM)
     objects = objects_near(params, node_lo, node_hi)
-    nodes = build_nodes(params, objects, node_lo, node_hi)
+    nodes = build_nodes(params, objects, np.array(lbox.start) * vs, np.array(lbox.stop) * vs)
+    syn_nodes = build_nodes(params, objects, node_lo, node_hi, spacing_nm=SYNAPSE_NODE_SPACING_NM)
     seg_idx, owner = compute_labels(nodes, params, rbox.start, rbox.shape)
     ids = np.concatenate([np.zeros(1, np.uint64), nodes.seg_ids])
     labels = ids[seg_idx.astype(np.int64) + 1]
+    lonely = isolated_voxels(labels)
+    labels[lonely] = 0
+    owner[lonely] = -1
     comp = np.zeros(labels.shape, np.uint8)
     if len(nodes.comp):
         comp = np.where(owner >= 0, nodes.comp[np.maximum(owner, 0)], 0).astype(np.uint8)
@@ -71,14 +75,14 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
     r_lo = np.array(rbox.start) * vs
     r_hi = np.array(rbox.stop) * vs
     boutons = boutons_in(nodes, r_lo - BOUTON_MARGIN_NM, r_hi + BOUTON_MARGIN_NM)
-    synapses = find_synapses(params, nodes, boutons)
+    synapses = find_synapses(params, syn_nodes, boutons)
     ves_pos, ves_host = vesicles(params, nodes, boutons, synapses)
     mitos = []
     for oi, obj in enumerate(objects):
         if not obj.mitos:
             continue
         ctrl = np.concatenate([c.points for c in obj.chains])
-        ctrl_seg = np.concatenate(nodes.ctrl_seg[oi])
+        ctrl_seg = nodes.ctrl_seg[oi][0][:len(ctrl)]
         for p0, p1, mr in obj.mitos:
             c = (p0 + p1) / 2
             if np.any(c < r_lo - 1000.0) or np.any(c > r_hi + 1000.0):
@@ -90,6 +94,21 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
     crop = box.relative_to(rbox).slices
     volumes = {"raw": raw[crop], "gt": labels[crop], "compartments": comp[crop], "clefts": clefts[crop]}
     return SynthBlock(volumes, _synapse_rows(params, synapses, box), _segment_rows(nodes, volumes["gt"]))
+
+
+def isolated_voxels(labels: np.ndarray) -> np.ndarray:
+    """Labelled voxels none of whose 6 neighbours share their label (discrete Voronoi cells can touch a thin wedge
+    only diagonally); they become extracellular space. A 1-voxel rule, so it is the same in every padded box."""
+    same = np.zeros(labels.shape, bool)
+    for ax in range(3):
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[ax] = slice(1, None)
+        b[ax] = slice(None, -1)
+        eq = labels[tuple(a)] == labels[tuple(b)]
+        same[tuple(a)] |= eq
+        same[tuple(b)] |= eq
+    return ~same & (labels != 0)
 
 
 def generate_box(params: SynthParams, box: Box | Sequence) -> dict[str, np.ndarray]:

@@ -49,7 +49,13 @@ class Nodes:
     seg_ids: np.ndarray     # (S,) uint64
     seg_type: list[str]     # (S,) cell type
     objects: list[Obj]
-    ctrl_seg: list[list[np.ndarray]]  # per object, per chain: segment index of each control point (-1 outside)
+    ctrl_seg: list[tuple[np.ndarray, list]]  # per object: (segment index per control point, chain offsets)
+
+    def chain_segs(self, obj_index: int, chain_index: int) -> np.ndarray:
+        """Segment index (-1 outside the volume) of each control point of one chain."""
+        gseg, offs = self.ctrl_seg[obj_index]
+        n = len(self.objects[obj_index].chains[chain_index].points)
+        return gseg[offs[chain_index]:offs[chain_index] + n]
 
 
 def _cap_max(params: SynthParams) -> float:
@@ -113,100 +119,146 @@ def _object_graph(obj: Obj):
             np.concatenate(ea).astype(np.int64), np.concatenate(eb).astype(np.int64), offs)
 
 
-def build_nodes(params: SynthParams, objects: list[Obj], lo_nm: np.ndarray, hi_nm: np.ndarray) -> Nodes:
-    """Dense nodes of every skeleton edge that comes within MAX_RADIUS_NM of [lo_nm, hi_nm)."""
+@dataclass(frozen=True)
+class _ObjectRuns:
+    """An object's control-point graph and how it falls apart into runs inside the volume (cached per object)."""
+
+    pts: np.ndarray
+    rad: np.ndarray
+    comp: np.ndarray
+    spine: np.ndarray
+    ea: np.ndarray
+    eb: np.ndarray
+    offs: list
+    inside: np.ndarray
+    run: np.ndarray        # per element (control points, then edges): run rank, -1 none
+    n_runs: int
+
+
+_RUNS_CACHE: dict = {}
+
+
+def _object_runs(obj: Obj, vol_hi: np.ndarray, core_nm: float) -> _ObjectRuns:
+    key = (obj.key, tuple(vol_hi), core_nm, id(obj))
+    hit = _RUNS_CACHE.get(key)
+    if hit is not None:
+        return hit
+    pts, rad, comp, spine, ea, eb, offs = _object_graph(obj)
+    nc = len(pts)
+    inside = np.all((pts >= 0) & (pts < vol_hi), axis=1)
+    if obj.soma_center is not None:  # control point 0 is the soma centre: inside when its ball meets the volume
+        nearest = np.clip(obj.soma_center, 0, vol_hi)
+        inside[0] = np.linalg.norm(nearest - obj.soma_center) < obj.soma_radius - core_nm
+    both = inside[ea] & inside[eb]
+    # edges with both ends outside that still cross the volume are pieces of their own
+    cand = ~inside[ea] & ~inside[eb]
+    crossing = np.zeros(len(ea), bool)
+    if cand.any():
+        crossing[cand] = _segment_hits_box(pts[ea[cand]], pts[eb[cand]], np.zeros(3), vol_hi)
+    n_el = nc + len(ea)
+    run = np.full(n_el, -1, np.int64)
+    elements = np.concatenate([np.nonzero(inside)[0], nc + np.nonzero(crossing)[0]])
+    n_runs = 0
+    if len(elements):
+        g = coo_matrix((np.ones(int(both.sum())), (ea[both], eb[both])), shape=(n_el, n_el))
+        _, lab = connected_components(g, directed=False)
+        uniq, inv = np.unique(lab[elements], return_inverse=True)
+        first = np.full(len(uniq), np.iinfo(np.int64).max)
+        np.minimum.at(first, inv, elements)
+        rank = np.argsort(np.argsort(first))
+        run[elements] = rank[inv]
+        n_runs = len(uniq)
+    out = _ObjectRuns(pts, rad, comp, spine, ea, eb, offs, inside, run, n_runs)
+    if len(_RUNS_CACHE) > 50000:
+        _RUNS_CACHE.clear()
+    _RUNS_CACHE[key] = out
+    return out
+
+
+def build_nodes(params: SynthParams, objects: list[Obj], lo_nm: np.ndarray, hi_nm: np.ndarray,
+                spacing_nm: float | None = None) -> Nodes:
+    """Nodes every `spacing_nm` (default half the smallest voxel side, dense enough to rasterize) along every
+    skeleton edge that comes within MAX_RADIUS_NM of [lo_nm, hi_nm)."""
     vs = np.array(params.voxel_size_zyx)
-    ds = float(vs.min()) / 2.0
+    ds = float(spacing_nm or vs.min() / 2.0)
     vol_hi = np.array(params.shape_zyx) * vs
     box_lo, box_hi = np.asarray(lo_nm) - MAX_RADIUS_NM, np.asarray(hi_nm) + MAX_RADIUS_NM
-    cols: dict[str, list] = {k: [] for k in ("pos", "rad", "comp", "par", "obj", "seg", "ins", "som", "sp", "sub")}
     seg_ids: list[int] = []
     seg_type: list[str] = []
     ctrl_seg_all: list[list[np.ndarray]] = []
-    offset = 0
+    E: dict[str, list] = {k: [] for k in ("a", "b", "ra", "rb", "comp", "spine", "obj", "seg_a", "seg_b", "seg_x",
+                                          "in_a", "in_b", "soma")}
+    somata = []
     for oi, obj in enumerate(objects):
-        pts, rad, comp, spine, ea, eb, offs = _object_graph(obj)
-        nc = len(pts)
+        r = _object_runs(obj, vol_hi, params.core_nm)
+        base = len(seg_ids)
+        for k in range(r.n_runs):
+            seg_ids.append((obj.key << 10) | min(k, 1023))
+            seg_type.append(obj.cell_type)
+        gseg = np.where(r.run >= 0, r.run + base, -1)
+        nc = len(r.pts)
+        ctrl_seg_all.append((gseg, r.offs))
         soma = obj.soma_center is not None
-        inside = np.all((pts >= 0) & (pts < vol_hi), axis=1)
-        if soma:  # control point 0 is the soma centre: inside when its ball meets the volume
-            nearest = np.clip(obj.soma_center, 0, vol_hi)
-            inside[0] = np.linalg.norm(nearest - obj.soma_center) < obj.soma_radius - params.core_nm
-        both = inside[ea] & inside[eb]
-        # edges with both ends outside that still cross the volume are pieces of their own
-        cand = ~inside[ea] & ~inside[eb]
-        crossing = np.zeros(len(ea), bool)
-        if cand.any():
-            crossing[cand] = _segment_hits_box(pts[ea[cand]], pts[eb[cand]], np.zeros(3), vol_hi)
-        n_el = nc + len(ea)
-        g = coo_matrix((np.ones(int(both.sum())), (ea[both], eb[both])), shape=(n_el, n_el))
-        _, lab = connected_components(g, directed=False)
-        elements = np.concatenate([np.nonzero(inside)[0], nc + np.nonzero(crossing)[0]])
-        run_of_el = np.full(n_el, -1, np.int64)
-        if len(elements):
-            labs = lab[elements]
-            uniq, inv = np.unique(labs, return_inverse=True)
-            first = np.full(len(uniq), np.iinfo(np.int64).max)
-            np.minimum.at(first, inv, elements)
-            rank = np.argsort(np.argsort(first))
-            base = len(seg_ids)
-            for r in range(len(uniq)):
-                seg_ids.append((obj.key << 10) | min(int(r), 1023))
-                seg_type.append(obj.cell_type)
-            run_of_el[elements] = base + rank[inv]
-        ctrl_seg_all.append([run_of_el[offs[ci]:offs[ci] + len(ch.points)] for ci, ch in enumerate(obj.chains)])
-        # densify the edges near the box
-        if soma and inside[0]:
-            cols["pos"].append(obj.soma_center[None].astype(float))
-            cols["rad"].append(np.array([obj.soma_radius]))
-            cols["comp"].append(np.array([SOMA], np.uint8))
-            cols["par"].append(np.array([-1]))
-            cols["obj"].append(np.array([oi], np.int32))
-            cols["seg"].append(np.array([run_of_el[0]], np.int32))
-            cols["ins"].append(np.array([True]))
-            cols["som"].append(np.array([True]))
-            cols["sp"].append(np.array([False]))
-            cols["sub"].append(np.array([0], np.int32))
-            offset += 1
-        near = _segment_hits_box(pts[ea], pts[eb], box_lo, box_hi)
-        for e in np.nonzero(near)[0]:
-            a, b = ea[e], eb[e]
-            seg_len = float(np.linalg.norm(pts[b] - pts[a]))
-            m = max(1, int(np.ceil(seg_len / ds)))
-            t = np.arange(m + 1) / m
-            p = pts[a] + (pts[b] - pts[a]) * t[:, None]
-            r = rad[a] + (rad[b] - rad[a]) * t
-            if soma and a == 0:  # from the soma centre outwards the branch has its own radius
-                r = np.full(m + 1, rad[b])
-            ins = np.all((p >= 0) & (p < vol_hi), axis=1)
-            run = run_of_el[a] if inside[a] else (run_of_el[b] if inside[b] else run_of_el[nc + e])
-            if inside[a] and inside[b]:
-                sg = np.full(m + 1, run_of_el[a])
-            else:
-                sg = np.where(ins, run, -1)
-            keep = ~(soma & (a == 0)) | (np.arange(m + 1) > 0)
-            cols["pos"].append(p)
-            cols["rad"].append(r)
-            cols["comp"].append(np.full(m + 1, comp[b], np.uint8))
-            par = offset + np.arange(m + 1) - 1
-            par[0] = -1
-            cols["par"].append(par)
-            cols["obj"].append(np.full(m + 1, oi, np.int32))
-            cols["seg"].append(sg.astype(np.int32))
-            cols["ins"].append(ins & (sg >= 0) & keep)
-            cols["som"].append(np.zeros(m + 1, bool))
-            cols["sp"].append(np.full(m + 1, spine[b]))
-            cols["sub"].append(np.arange(m + 1, dtype=np.int32))
-            offset += m + 1
-    if offset == 0:
+        if soma and r.inside[0]:
+            somata.append((oi, int(gseg[0])))
+        near = np.nonzero(_segment_hits_box(r.pts[r.ea], r.pts[r.eb], box_lo, box_hi))[0]
+        if not len(near):
+            continue
+        a, b = r.ea[near], r.eb[near]
+        E["a"].append(r.pts[a])
+        E["b"].append(r.pts[b])
+        is_soma_edge = (a == 0) if soma else np.zeros(len(a), bool)
+        E["ra"].append(np.where(is_soma_edge, r.rad[b], r.rad[a]))
+        E["rb"].append(r.rad[b])
+        E["comp"].append(r.comp[b])
+        E["spine"].append(r.spine[b])
+        E["obj"].append(np.full(len(a), oi, np.int32))
+        E["seg_a"].append(gseg[a])
+        E["seg_b"].append(gseg[b])
+        E["seg_x"].append(gseg[nc + near])
+        E["in_a"].append(r.inside[a])
+        E["in_b"].append(r.inside[b])
+        E["soma"].append(is_soma_edge)
+    parts = []
+    for oi, sg in somata:
+        obj = objects[oi]
+        parts.append(dict(pos=obj.soma_center[None].astype(float), rad=np.array([obj.soma_radius]),
+                          comp=np.array([SOMA], np.uint8), par=np.array([-1]), obj=np.array([oi], np.int32),
+                          seg=np.array([sg], np.int32), ins=np.array([True]), som=np.array([True]),
+                          sp=np.array([False]), sub=np.array([0], np.int32)))
+    if E["a"]:
+        e = {k: np.concatenate(v) for k, v in E.items()}
+        n_e = len(e["a"])
+        length = np.linalg.norm(e["b"] - e["a"], axis=1)
+        m = np.maximum(1, np.ceil(length / ds).astype(np.int64))
+        counts = m + 1
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        total = int(counts.sum())
+        eid = np.repeat(np.arange(n_e), counts)
+        k = np.arange(total) - starts[eid]
+        t = k / m[eid]
+        pos = e["a"][eid] + (e["b"] - e["a"])[eid] * t[:, None]
+        rad = e["ra"][eid] + (e["rb"] - e["ra"])[eid] * t
+        ins = np.all((pos >= 0) & (pos < vol_hi), axis=1)
+        run = np.where(e["in_a"], e["seg_a"], np.where(e["in_b"], e["seg_b"], e["seg_x"]))[eid]
+        both = (e["in_a"] & e["in_b"])[eid]
+        seg = np.where(both, e["seg_a"][eid], np.where(ins, run, -1))
+        keep = ~(e["soma"][eid] & (k == 0))        # the soma centre itself is not an axis node
+        offset = sum(len(p["pos"]) for p in parts)
+        par = offset + np.arange(total) - 1
+        par[starts] = -1
+        parts.append(dict(pos=pos, rad=rad, comp=e["comp"][eid], par=par, obj=e["obj"][eid],
+                          seg=seg.astype(np.int32), ins=ins & (seg >= 0) & keep, som=np.zeros(total, bool),
+                          sp=e["spine"][eid], sub=k.astype(np.int32)))
+    if not parts:
         z = np.zeros(0)
         return Nodes(np.zeros((0, 3)), z.astype(np.float32), z.astype(np.uint8), z.astype(np.int64),
                      z.astype(np.int32), z.astype(np.int32), z.astype(bool), z.astype(bool), z.astype(bool),
                      z.astype(np.int32), np.array(seg_ids, dtype=np.uint64), seg_type, objects, ctrl_seg_all)
-    cat = {k: np.concatenate(v) for k, v in cols.items()}
-    return Nodes(cat["pos"], cat["rad"].astype(np.float32), cat["comp"], cat["par"].astype(np.int64), cat["obj"],
-                 cat["seg"], cat["ins"], cat["som"], cat["sp"], cat["sub"], np.array(seg_ids, dtype=np.uint64),
-                 seg_type, objects, ctrl_seg_all)
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return Nodes(cat["pos"], cat["rad"].astype(np.float32), cat["comp"].astype(np.uint8), cat["par"].astype(np.int64),
+                 cat["obj"].astype(np.int32), cat["seg"], cat["ins"], cat["som"], cat["sp"].astype(bool), cat["sub"],
+                 np.array(seg_ids, dtype=np.uint64), seg_type, objects, ctrl_seg_all)
 
 
 def _raster(nodes: Nodes, vs: np.ndarray, start: np.ndarray, shape: np.ndarray, connect: bool = True,

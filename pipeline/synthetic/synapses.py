@@ -50,28 +50,31 @@ def boutons_in(nodes: Nodes, lo_nm: np.ndarray, hi_nm: np.ndarray) -> Boutons:
             if ch.bouton is None or not ch.bouton.any():
                 continue
             ks = np.nonzero(ch.bouton)[0]
-            segs = nodes.ctrl_seg[oi][ci][ks]
+            segs = nodes.chain_segs(oi, ci)[ks]
             p = ch.points[ks]
             ok = np.all((p > lo_nm) & (p < hi_nm), axis=1) & (segs >= 0)
             for k in ks[ok]:
                 pos.append(ch.points[k])
                 rad.append(float(ch.radius[k]))
                 obj_i.append(oi)
-                seg_i.append(int(nodes.ctrl_seg[oi][ci][k]))
+                seg_i.append(int(segs[list(ks).index(k)]))
                 keys.append((obj.key, ci, int(k)))
     if not pos:
         return Boutons(np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), [])
     return Boutons(np.array(pos), np.array(rad), np.array(obj_i, np.int64), np.array(seg_i, np.int64), keys)
 
 
+SYNAPSE_NODE_SPACING_NM = 20.0
+
+
 def find_synapses(params: SynthParams, nodes: Nodes, boutons: Boutons) -> list[Synapse]:
+    """`nodes` at SYNAPSE_NODE_SPACING_NM over the synapse context box (the same nodes in every block)."""
     if len(boutons.pos) == 0:
         return []
     tol = 2.0 * params.gap_nm
     usable = (nodes.seg >= 0) & ~nodes.is_soma
-    every3 = nodes.sub % 3 == 0   # along each edge, so every block subsamples alike
-    post_idx = np.nonzero(usable & every3 & (nodes.comp == DEND))[0]
-    all_idx = np.nonzero(usable & every3)[0]
+    post_idx = np.nonzero(usable & (nodes.comp == DEND))[0]
+    all_idx = np.nonzero(usable)[0]
     if len(post_idx) == 0:
         return []
     post_tree = cKDTree(nodes.pos[post_idx])

@@ -522,7 +522,8 @@ class Connectome:
             where.append(q.in_list("m2.segment_id", id_list))
         joins = ("FROM synapses s JOIN mt m1 ON m1.fragment_id = s.pre_fragment_id "
                  "JOIN mt m2 ON m2.fragment_id = s.post_fragment_id")
-        mt = ("mt AS (SELECT m.fragment_id, m.segment_id, COALESCE(ct.cell_type, "
+        inline = "NOT MATERIALIZED " if self.backend.dialect == "postgres" else ""  # lets PostgreSQL go parallel
+        mt = (f"mt AS {inline}(SELECT m.fragment_id, m.segment_id, COALESCE(ct.cell_type, "
               f"{q.p(UNTYPED)}) AS cell_type FROM m LEFT JOIN ct ON ct.segment_id = m.segment_id)")
         cond = f"WHERE {' AND '.join(push + where)}"
         if group_by == "segment":

@@ -153,6 +153,9 @@ class PostgresBackend:
             conn = self._conn()
             try:
                 with conn.transaction():
+                    # one writer at a time across processes (as DuckDB has it): version numbers and edits read
+                    # the current state and then change it, which must not interleave
+                    conn.execute("SELECT pg_advisory_xact_lock(7242001)")
                     yield _PgTx(conn)
             except psycopg.OperationalError as exc:
                 self._drop()
@@ -166,7 +169,6 @@ class PostgresBackend:
 
     def init_schema(self) -> None:
         with self.transaction() as tx:
-            tx.execute("SELECT pg_advisory_xact_lock(424242)")
             for stmt in schema.ddl("postgres") + schema.index_ddl("postgres"):
                 tx.execute(stmt)
 

@@ -234,7 +234,6 @@ WRITABLE = ("segments", "cell_types", "skeleton_nodes", "synapses", "embeddings"
 INDEXES: tuple[tuple[str, str], ...] = (
     ("synapses", "pre_fragment_id"),
     ("synapses", "post_fragment_id"),
-    ("synapses", "synapse_id"),
     ("synapses", "morton"),
     ("id_map", "segment_id"),
     ("id_map", "fragment_id"),
