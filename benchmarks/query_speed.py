@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
     for _ in range(8):
         lo = rng.integers(100_000, EXTENT_NM - 100_000 - BOX_NM, 3)
         boxes.append((tuple(int(v) for v in lo), tuple(int(v + BOX_NM) for v in lo)))
-    result: dict = {"n_cells": args.cells, "n_synapses": args.synapses}
+    result: dict = {"n_cells": args.cells, "n_synapses": args.synapses,
+                    "cpu_count": os.cpu_count(), "load_avg_1min_at_start": round(os.getloadavg()[0], 1)}
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="query-speed-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -144,10 +146,8 @@ def main(argv=None) -> int:
         print(f"duckdb: loaded in {load_s:.1f} s", flush=True)
         result["duckdb"] = {**run_store(store, cells, boxes, args.reps, args.conn_reps), "load_s": round(load_s, 1)}
         print("duckdb", result["duckdb"], flush=True)
-        sizes = store.synapses(pre=int(cells[0]))
         result["mean_synapses_per_one_cell_query"] = round(args.synapses / max(1, len(np.nonzero(counts)[0])), 1)
         result["bbox_rows"] = int(len(store.synapses(bbox=boxes[0])))
-        del sizes
         store.close()
 
         if not args.no_postgres:
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 1)  # latencies are only comparable on a quiet machine
     d = result["duckdb"]
     result["targets_met"] = {"duckdb_one_cell_p50_le_20ms": d["one_cell_synapses_p50_ms"] <= 20,
                              "duckdb_connectivity_le_1s": d["connectivity_matrix_s"] <= 1.0}

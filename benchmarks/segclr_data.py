@@ -32,47 +32,62 @@ def params_for(seed: int, shape_zyx=DEFAULT_SHAPE_ZYX):
 
 
 def generate_whole_volume(params):
-    """generate_block's steps for a box that IS the whole volume, without the context padding.
+    """pipeline.synthetic.generate_block for the box that IS the whole volume, without the context padding.
 
     Why: the padding (~130 voxels in XY) only makes tiles agree with their neighbours; for one box covering the
     whole volume nothing lies beyond it (objects are clipped to the volume), and skipping it makes a 512^2
     volume ~3x cheaper. Only the EM blur/section shifts within a few voxels of the volume faces differ.
-    Returns the same SynthBlock as pipeline.synthetic.generate_block.
+    This mirrors generate_block's steps; if the generator's internals change under it, it falls back to the
+    public generate_block (same volume, slower).
     """
-    from pipeline.synthetic.generate import SynthBlock, _segment_rows, _synapse_rows
-    from pipeline.synthetic.labels import build_nodes, compute_labels
-    from pipeline.synthetic.morphology import objects_near
-    from pipeline.synthetic.render import render
-    from pipeline.synthetic.synapses import boutons_in, find_synapses, vesicles
+    from pipeline.synthetic import generate_block
+
+    try:
+        return _whole_volume_unpadded(params)
+    except Exception as exc:  # noqa: BLE001 - internals moved: the public API still gives the same volume
+        print(f"segclr_data: unpadded fast path unavailable ({exc}); using generate_block", file=sys.stderr)
+        return generate_block(params, ((0, 0, 0), tuple(params.shape_zyx)))
+
+
+def _whole_volume_unpadded(params):
+    from pipeline.synthetic import generate as g
     from storage.box import Box
 
     box = Box.from_shape(params.shape_zyx)
     vs = np.array(params.voxel_size_zyx)
     lo, hi = np.array(box.start) * vs, np.array(box.stop) * vs
-    objects = objects_near(params, lo, hi)
-    nodes = build_nodes(params, objects)
-    seg_idx, owner = compute_labels(nodes, params, box.start, box.shape)
-    ids = np.concatenate([[0], nodes.seg_ids]).astype(np.uint64)
+    node_lo, node_hi = lo - g.SYNAPSE_CONTEXT_NM, hi + g.SYNAPSE_CONTEXT_NM
+    objects = g.objects_near(params, node_lo, node_hi)
+    nodes = g.build_nodes(params, objects, lo, hi)
+    syn_nodes = g.build_nodes(params, objects, node_lo, node_hi, spacing_nm=g.SYNAPSE_NODE_SPACING_NM)
+    seg_idx, owner = g.compute_labels(nodes, params, box.start, box.shape)
+    ids = np.concatenate([np.zeros(1, np.uint64), nodes.seg_ids])
     labels = ids[seg_idx.astype(np.int64) + 1]
+    lonely = g.isolated_voxels(labels)
+    labels[lonely] = 0
+    owner[lonely] = -1
     comp = np.zeros(labels.shape, np.uint8)
     if len(nodes.comp):
         comp = np.where(owner >= 0, nodes.comp[np.maximum(owner, 0)], 0).astype(np.uint8)
-    boutons = boutons_in(nodes, lo - 600.0, hi + 600.0)
-    synapses = find_synapses(params, nodes, boutons)
-    ves_pos, ves_host = vesicles(params, nodes, boutons, synapses)
+    boutons = g.boutons_in(nodes, lo - g.BOUTON_MARGIN_NM, hi + g.BOUTON_MARGIN_NM)
+    synapses = g.find_synapses(params, syn_nodes, boutons)
+    ves_pos, ves_host = g.vesicles(params, nodes, boutons, synapses)
     mitos = []
     for oi, obj in enumerate(objects):
+        if not obj.mitos:
+            continue
+        ctrl = np.concatenate([c.points for c in obj.chains])
+        ctrl_seg = nodes.ctrl_seg[oi][0][:len(ctrl)]
         for p0, p1, mr in obj.mitos:
             c = (p0 + p1) / 2
-            if np.any(c < lo - 2000.0) or np.any(c > hi + 2000.0):
+            if np.any(c < lo - 1000.0) or np.any(c > hi + 1000.0):
                 continue
-            sel = np.nonzero(nodes.obj == oi)[0]
-            near = sel[np.argmin(np.linalg.norm(nodes.pos[sel] - c, axis=1))]
-            if nodes.seg[near] >= 0:
-                mitos.append((p0, p1, mr, nodes.seg_ids[nodes.seg[near]]))
-    raw, clefts = render(params, box.start, box.shape, labels, mitos, ves_pos, ves_host, synapses)
+            host = ctrl_seg[np.argmin(np.linalg.norm(ctrl - c, axis=1))]
+            if host >= 0:
+                mitos.append((p0, p1, mr, nodes.seg_ids[host]))
+    raw, clefts = g.render(params, box.start, box.shape, labels, mitos, ves_pos, ves_host, synapses)
     volumes = {"raw": raw, "gt": labels, "compartments": comp, "clefts": clefts}
-    return SynthBlock(volumes, _synapse_rows(params, synapses, box), _segment_rows(nodes, labels))
+    return g.SynthBlock(volumes, g._synapse_rows(params, synapses, box), g._segment_rows(nodes, labels))
 
 
 def tiles(shape_zyx, tile_yx=TILE_YX):

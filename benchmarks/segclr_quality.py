@@ -140,9 +140,16 @@ def build_dataset(seeds, shape, downsample, spacing_nm, min_nodes, models, cache
     return nodes, segs, skeletons, cutout_cache
 
 
-def split_by_id(keys) -> np.ndarray:
-    """True = probe-training half; md5 of (volume, segment id), independent of anything else."""
-    return np.array([int(hashlib.md5(f"{v}:{s}".encode()).hexdigest(), 16) % 2 == 0 for v, s in keys])
+def split_by_id(keys, types) -> np.ndarray:
+    """True = probe-training half. Within each class, segments are ordered by md5 of (volume, segment id) and
+    alternate between the halves: balanced halves, decided by the ids alone (nothing the model saw)."""
+    keys = list(keys)
+    h = np.array([int(hashlib.md5(f"{v}:{s}".encode()).hexdigest(), 16) % (1 << 60) for v, s in keys])
+    out = np.zeros(len(keys), bool)
+    for c in sorted(set(types.tolist())):
+        idx = np.flatnonzero(types == c)
+        out[idx[np.argsort(h[idx])][::2]] = True
+    return out
 
 
 def segment_means(x_nodes: np.ndarray, node_seg: np.ndarray, n_seg: int) -> np.ndarray:
@@ -210,7 +217,7 @@ def main(argv=None) -> int:
                                                     args.min_nodes, models, args.cache_dir)
     n_seg = len(segs["key"])
     y = segs["type"]
-    train_mask = split_by_id(segs["key"])
+    train_mask = split_by_id(segs["key"], y)
     counts = {c: [int(((y == c) & train_mask).sum()), int(((y == c) & ~train_mask).sum())]
               for c in sorted(set(y.tolist()))}
     log(f"{n_seg} segments, {len(nodes['seg'])} nodes; per class [probe-train, test]: {counts}")
@@ -298,7 +305,8 @@ def main(argv=None) -> int:
         ood[held] = auroc(s[~is_out], s[is_out])
     log(f"OOD AUROC per held-out type (trained, Mahalanobis): {ood}")
 
-    # invariance: flips / permutations of the cutout
+    # invariance: flips / permutations of the cutout; cosine after centring on each model's mean embedding
+    # (uncentred cosines of ReLU-fed embeddings are all close to 1 and say nothing)
     rng_inv = np.random.default_rng(1)
     pick = rng_inv.choice(len(nodes["seg"]), size=min(256, len(nodes["seg"])), replace=False)
     invariance = {}
@@ -314,12 +322,15 @@ def main(argv=None) -> int:
             t = np.flip(c, axis=flips)
             if cfg.cutout_size[1] == cfg.cutout_size[2]:
                 t = np.swapaxes(t, 2, 3)
-            e1, e2 = embedder.embed_cutouts(c), embedder.embed_cutouts(np.ascontiguousarray(t))
+            mu = nodes["emb"][name].mean(0)
+            e1 = embedder.embed_cutouts(c) - mu
+            e2 = embedder.embed_cutouts(np.ascontiguousarray(t)) - mu
             e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
             e2 /= np.linalg.norm(e2, axis=1, keepdims=True)
             same.append((e1 * e2).sum(1))
             perm = rng_inv.permutation(len(e1))
-            rand.append((e1 * e1[perm]).sum(1)[perm != np.arange(len(e1))])
+            other = nodes["seg"][rows][perm] != nodes["seg"][rows]  # random pairs: different segments
+            rand.append((e1 * e1[perm]).sum(1)[other])
         invariance[name] = {"augmented_pair": float(np.mean(np.concatenate(same))),
                             "random_pair": float(np.mean(np.concatenate(rand)))}
     log(f"invariance cosine: {invariance}")

@@ -16,6 +16,7 @@ from storage.errors import ConnectomeError
 
 # name -> module under pipeline.commands (keep sorted)
 COMMANDS: dict[str, str] = {
+    "demo": "demo",
     "evaluate": "evaluate",
     "import": "import_volume",
     "import-ffn": "import_ffn",
@@ -23,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "plan": "plan",
     "publish": "publish",
     "query": "query",
+    "run": "run",
     "segment": "segment",
     "synth": "synth",
     "train": "train",

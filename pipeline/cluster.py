@@ -12,6 +12,7 @@ with ``resources={"GPU": 1}`` and land only there, while CPU stages use every wo
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ class ClusterConfig:
     resources: dict[str, float] = field(default_factory=dict)  # extra resource labels on every worker
     dashboard: bool = True
     dashboard_address: str = ":0"  # ':8787' for the usual port; ':0' picks a free one
-    address: str | None = None  # kind=address: tcp://host:port of a running scheduler
+    address: str | None = None  # kind=address: tcp://host:port of a running scheduler ($DASK_SCHEDULER_ADDRESS)
     timeout: float = 60.0  # seconds to wait for the scheduler / first workers
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
@@ -158,8 +159,9 @@ class ClusterConfig:
         if not 0 <= self.gpu_workers <= self.workers:
             raise ConfigError(f"cluster.gpu_workers must be between 0 and workers ({self.workers}), "
                               f"got {self.gpu_workers}")
-        if self.kind == "address" and not self.address:
-            raise ConfigError("cluster.address is required when cluster.kind is 'address' (e.g. tcp://host:8786)")
+        if self.kind == "address" and not (self.address or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+            raise ConfigError("cluster.address is required when cluster.kind is 'address' (e.g. tcp://host:8786; "
+                              "or set DASK_SCHEDULER_ADDRESS)")
 
 
 def _worker_process_defaults() -> None:
@@ -231,10 +233,11 @@ def _open_local(config: ClusterConfig) -> Iterator[Client]:
 
 @contextlib.contextmanager
 def _open_address(config: ClusterConfig) -> Iterator[Client]:
+    address = config.address or os.environ["DASK_SCHEDULER_ADDRESS"]  # set by the operator in DaskJob pods
     try:
-        client = Client(config.address, timeout=config.timeout)
+        client = Client(address, timeout=config.timeout)
     except (OSError, TimeoutError) as exc:
-        raise ConfigError(f"cannot reach the Dask scheduler at {config.address} (cluster.address): {exc}") from None
+        raise ConfigError(f"cannot reach the Dask scheduler at {address} (cluster.address): {exc}") from None
     with client:
         yield client
 
@@ -260,7 +263,8 @@ def slurm_cluster_kwargs(config: ClusterConfig) -> dict:
         "job_extra_directives": directives, "job_script_prologue": list(s.job_script_prologue),
         "worker_extra_args": extra_args, "death_timeout": s.death_timeout,
         "python": s.python or sys.executable,
-        "dashboard_address": config.dashboard_address if config.dashboard else None,
+        # jobqueue has no "off": a random port at least never collides with another scheduler's dashboard
+        "dashboard_address": config.dashboard_address if config.dashboard else ":0",
     }
     optional = {"queue": s.queue, "account": s.account, "local_directory": s.local_directory,
                 "log_directory": s.log_directory, "interface": s.interface}

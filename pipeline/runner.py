@@ -83,6 +83,29 @@ def _default_window(client: Client) -> int:
     return max(256, 32 * threads)
 
 
+def _import_function(module: str, qualname: str) -> None:
+    """Runs on a worker: can it find the block function by name (how Dask unpickles it)?"""
+    import importlib
+
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+
+
+def _check_importable_on_workers(client: Client, block_fn: Callable, stage: str) -> None:
+    """Fail fast with one line instead of hanging: a worker that cannot unpickle a task never reports it."""
+    fn = block_fn.func if isinstance(block_fn, functools.partial) else block_fn
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return  # pickled by value (cloudpickle), nothing to import
+    try:
+        client.run(_import_function, module, qualname)
+    except (ImportError, AttributeError) as exc:
+        raise BlockFailed(f"stage '{stage}': block function {module}.{qualname} cannot be imported on the Dask "
+                          f"workers ({exc}); install the package on the workers or put its folder on PYTHONPATH "
+                          f"there") from None
+
+
 def _print_dashboard_once(client: Client, stage: str) -> None:
     link = getattr(client, "dashboard_link", None)
     if link and link not in _dashboard_printed:
@@ -137,6 +160,7 @@ def run_blockwise(
             _print_dashboard_once(client, stage)
         report.message(f"{total} blocks, {already} done in ledger, {total - already} to run")
 
+        _check_importable_on_workers(client, block_fn, stage)
         window = max(1, int(max_in_flight or _default_window(client)))
         chunk = max(1, int(chunk_size or min(1000, max(1, window // 4))))
         fn = functools.partial(block_fn, **params) if params else block_fn

@@ -52,6 +52,7 @@ class SegmentConfig:
     block_shape: tuple[int, int, int] = (64, 128, 128)
     overlap: tuple[int, int, int] = (16, 16, 16)
     gpu: bool = False
+    tf_threads: int | None = 1  # TF intra-op threads per block task (None = TF default: every core)
     inference: dict = field(default_factory=dict)
     min_overlap_voxels: int = 50
     min_overlap_fraction: float = 0.5
@@ -95,6 +96,18 @@ class SegmentConfig:
 
 def _zyx(shape) -> tuple[int, int, int]:
     return tuple(int(v) for v in shape)  # type: ignore[return-value]
+
+
+def lookup_digest(lookup: pd.DataFrame) -> str:
+    """Content hash of a lookup table. It goes into the parameters of the stages that read the table, so their
+    ledgers (keyed by parameters) refuse or redo finished blocks when the table changed, e.g. a rerun in the same
+    directory with other agglomeration settings must not keep the old relabelled blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for col in ("fragment_id", "segment_id"):
+        h.update(np.ascontiguousarray(lookup[col].to_numpy(np.uint64)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -148,7 +161,7 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
     seg_results = timer.run("segment", run_blockwise, "segment", grid, segment_block, params=dict(
         input_spec=source.spec, fragments_spec=fragments.spec, work_dir=str(work / "segment"), model_dir=model_dir,
         stride=stride, inference=dict(config.inference), fill_missing=config.fill_missing,
-        seed_context=list(_zyx(config.seed_context if config.seed_context is not None else overlap_zyx)),
+        tf_threads=config.tf_threads, seed_context=list(_zyx(config.seed_context if config.seed_context is not None else overlap_zyx)),
         seed_reach=None if config.seed_reach is None else [int(round(config.seed_reach * h)) for h in overlap_zyx],
     ), client=client, ledger_dir=ledgers, resources=resources, restart=config.restart, progress=progress)
 
@@ -173,6 +186,7 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
         edge_results = timer.run("agglomerate", run_blockwise, "agglomerate", agg_grid, edges_block, params=dict(
             fragments_spec=fragments.spec, image_spec=source.spec, lookup_path=str(out / "reconcile.parquet"),
             expand_voxels=config.agglomeration.expand_voxels, fill_missing=config.fill_missing,
+            lookup_digest=lookup_digest(lookup),
         ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
         edges = pd.concat([pd.DataFrame(r["edges"]) for r in edge_results.values()], ignore_index=True) \
             if edge_results else pd.DataFrame()
@@ -183,6 +197,7 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
 
     rel_results = timer.run("relabel", run_blockwise, "relabel", grid, relabel_block, params=dict(
         fragments_spec=fragments.spec, output_spec=segmentation.spec, lookup_path=str(out / "lookup.parquet"),
+        lookup_digest=lookup_digest(lookup),
     ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
     stats = combine_statistics([pd.DataFrame(r["stats"]) for r in rel_results.values()])
 

@@ -30,7 +30,7 @@ def shared_data() -> Path:
 def postgres_server():
     """A real PostgreSQL server for the session (initdb/pg_ctl in a temp dir); skips when PostgreSQL is absent,
     fails instead when CONNECTOME_REQUIRE_POSTGRES=1. Use ``postgres_server.new_database()`` for a fresh URL."""
-    from pg_server import PostgresServer
+    from storage.store.local_postgres import PostgresServer
 
     try:
         server = PostgresServer().start()

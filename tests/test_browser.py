@@ -223,8 +223,10 @@ def test_viewer_draws_every_layer_and_proofreads_into_the_store(run_dir, browser
         assert c.version == split.version + 1
 
 
-def test_sharded_multiresolution_meshes_render(tmp_path, browser_page):
-    """neuroglancer_multilod_draco, sharded: the 3D panel shows the three cells, fetched by byte ranges."""
+def test_sharded_multiresolution_meshes_and_annotations_render(tmp_path, browser_page):
+    """neuroglancer_multilod_draco and synapse indexes, all sharded: the 3D panel shows the three cells and the
+    synapse lines, fetched by byte ranges from shard files."""
+    from viz.annotations import AnnotationOptions, write_synapse_annotations
     from viz.meshes import mesh_labels
     from viz.multires_meshes import MultiresOptions, write_multires_meshes
     from viz.precomputed_volume import PyramidSpec, link_segmentation_extras, write_pyramid
@@ -236,6 +238,7 @@ def test_sharded_multiresolution_meshes_render(tmp_path, browser_page):
     write_multires_meshes(run / "segmentation" / "mesh", mesh_labels(seg, viz_sample.VOXEL_SIZE_XYZ),
                           viz_sample.VOXEL_SIZE_XYZ, options=MultiresOptions(chunk_voxels=16), sharded=True)
     link_segmentation_extras(run / "segmentation", mesh="mesh")
+    write_synapse_annotations(run / "synapses", viz_sample.synapses(), AnnotationOptions(sharded=True))
     page = browser_page
     with open_viewer(run, segments=[11, 22, 33], layout="3d", record_requests=True) as session:
         with session.viewer.txn() as s:
@@ -254,5 +257,12 @@ def test_sharded_multiresolution_meshes_render(tmp_path, browser_page):
         assert colour.mean() > 0.08, "multi-resolution meshes not drawn"
         hues = {tuple(c) for c in (panel[colour] // 64).tolist()}
         assert len(hues) >= 3
-        ranged = [p for p, status in session.server.requests if p.startswith("/segmentation/mesh/") and status == 206]
+        # the synapse lines run mostly inside the cells: hide the meshes to see them whole
+        with session.viewer.txn() as s:
+            s.layers["segmentation"].visible = False
+        img = _wait_for(page, "viewer_sharded_synapses.png", lambda im: _masks(_crop(im, box))["magenta"].sum() > 150)
+        assert _masks(_crop(img, box))["magenta"].sum() > 150, "sharded synapse annotations not drawn"
+        ranged = [p for p, status in session.server.requests if status == 206]
         assert ranged and all(p.endswith(".shard") for p in ranged)
+        assert any(p.startswith("/segmentation/mesh/") for p in ranged)
+        assert any(p.startswith("/synapses/rel_pre_segment/") for p in ranged)

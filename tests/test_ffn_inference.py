@@ -259,3 +259,14 @@ def test_options_and_errors(grow):
     canvas = Canvas(tubes(), cfg, seed_policy="grid")
     seeds = list(PolicyPeaks()(canvas))
     assert seeds and all(4 <= p[i] < tubes().shape[i] - 4 for p in seeds for i in range(3))  # FOV fits
+
+
+def test_forward_is_built_once_per_keras_model(grow):
+    """Blockwise callers pass the same Keras model for every block; re-tracing per block would cost seconds."""
+    from ffn.inference import resolve_forward
+
+    _, cfg, model = grow
+    f1, _ = resolve_forward(model, cfg)
+    f2, _ = resolve_forward(model, cfg)
+    f3, _ = resolve_forward(model, cfg, "bfloat16")
+    assert f1 is f2 and f3 is not f1 and f3.precision == "bfloat16"

@@ -215,3 +215,14 @@ def test_progress_and_dashboard_printed_to_stderr(client, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[noop] 4 blocks, 0 done in ledger, 4 to run" in err
     assert "[noop] 4/4 blocks (100.0%)" in err
+
+
+def test_block_function_missing_on_workers_fails_fast_with_one_line(client, tmp_path, monkeypatch):
+    (tmp_path / "driver_only_blocks.py").write_text("def fn(block):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the driver can import it; the running workers cannot
+    import driver_only_blocks
+
+    with pytest.raises(BlockFailed, match="block function driver_only_blocks.fn cannot be imported on the Dask "
+                                          "workers .*No module named 'driver_only_blocks'"):
+        run_blockwise("x", small_grid(), driver_only_blocks.fn, params={}, client=client,
+                      ledger_dir=tmp_path / "ledger", progress=False)

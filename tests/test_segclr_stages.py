@@ -1,4 +1,4 @@
-"""skeletonize -> embed -> classify drivers on a real Dask cluster and a real store (tiny model, toy volume)."""
+"""skeletonize -> embed -> classify stage drivers on a real Dask cluster and a real store (tiny model, toy volume)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,16 @@ def test_embed_and_classify_stages(tmp_path):
         emb = run_embed(vols["raw"], vols["seg"], work, model=str(tmp_path / "model"), client=client,
                         spacing_nm=160.0, block_shape_zyx=(24, 64, 48), store=store, export_dir=tmp_path / "csvzip",
                         num_shards=3, progress=False)
-    assert sorted(skel["segment_id"].unique()) == [100, 101, 102, 103]
+    # skeletonize: 2 blocks along x, pieces merged into one connected skeleton per segment, rows in the store
+    from segclr.skeletons import table_to_skeletons
+
+    assert len(list((work / "skeleton_pieces").glob("block_*.npz"))) == 2
+    skels = table_to_skeletons(skel)
+    assert sorted(skels) == [100, 101, 102, 103] and all(s.num_components() == 1 for s in skels.values())
+    assert all(s.vertices[:, 0].min() < 48 * 16 < s.vertices[:, 0].max() for s in skels.values())
+    rows = store.backend.query("SELECT segment_id, count(*) AS n FROM skeleton_nodes GROUP BY segment_id "
+                               "ORDER BY segment_id")
+    assert rows["n"].tolist() == [len(skels[s]) for s in (100, 101, 102, 103)]
     assert sorted(emb["segment_id"].unique()) == [100, 101, 102, 103] and emb.shape[1] == 5 + 8
     # every embedded node is a skeleton node, nodes from both blocks are there
     merged = emb.merge(skel, on=["segment_id", "node_id"])

@@ -58,26 +58,3 @@ def test_skeleton_table_round_trip_and_subsampling():
     assert 0 < len(keep) < len(skels[7])
     v = skels[7].vertices[keep]
     assert len(np.unique(np.floor(v / 200.0), axis=0)) == len(keep)  # one node per 200 nm cube
-
-
-def test_skeletonize_stage_on_dask_writes_store(tmp_path):
-    from pipeline.cluster import ClusterConfig, open_client
-    from pipeline.stages.skeletonize import run_skeletonize
-    from storage.store import ConnectomeStore
-    from storage.volume import create_volume
-
-    seg = _labelled_volume()
-    vol = create_volume(str(tmp_path / "seg.zarr"), shape_zyx=seg.shape, dtype=np.uint64,
-                        voxel_size_xyz_nm=(8, 8, 8), chunk_shape_zyx=(32, 40, 48), kind="segmentation")
-    vol.write(vol.bounds, seg)
-    store = ConnectomeStore.create(tmp_path / "c.duckdb")
-    with open_client(ClusterConfig(workers=1, threads_per_worker=1, dashboard=False)) as client:
-        table = run_skeletonize(str(tmp_path / "seg.zarr"), tmp_path / "work", client=client,
-                                block_shape_zyx=(32, 40, 48), dust_threshold=10, store=store, progress=False)
-    assert len(list((tmp_path / "work" / "skeleton_pieces").glob("block_*.npz"))) == 2
-    skels = table_to_skeletons(table)
-    assert sorted(skels) == [7, 9, 11] and all(s.num_components() == 1 for s in skels.values())
-    rows = store.backend.query("SELECT segment_id, count(*) AS n FROM skeleton_nodes GROUP BY segment_id "
-                               "ORDER BY segment_id")
-    assert rows["segment_id"].tolist() == [7, 9, 11]
-    assert rows["n"].tolist() == [len(skels[7]), len(skels[9]), len(skels[11])]

@@ -27,6 +27,7 @@ from pipeline.runner import run_blockwise
 pytestmark = pytest.mark.slurm
 
 SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "cluster.sh"
+TESTS = Path(__file__).resolve().parent
 SEED = 11
 
 
@@ -76,7 +77,9 @@ def slurm_config(state: Path, jobs: int = 2) -> ClusterConfig:
     return ClusterConfig(kind="slurm", dashboard=False, slurm=SlurmConfig(
         cores=1, memory="2GB", processes=1, jobs=jobs, walltime="00:15:00", queue="debug",
         log_directory=str(state / "jobs" / "dask-logs"), scheduler_host="127.0.0.1",
-        lifetime="10m", lifetime_stagger="1m", job_script_prologue=["export OMP_NUM_THREADS=1"]))
+        lifetime="10m", lifetime_stagger="1m",
+        # the test's block functions live in tests/runner_blocks.py, not in the installed package
+        job_script_prologue=["export OMP_NUM_THREADS=1", f"export PYTHONPATH={TESTS}:${{PYTHONPATH:-}}"]))
 
 
 def queue(*args: str) -> list[str]:

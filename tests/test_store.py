@@ -94,6 +94,7 @@ def test_morton_box_ranges_cover_every_point_in_the_box(lo, size):
 
 def test_cells_filters_match_reference(loaded, reference):
     cells, _ = reference
+    assert isinstance(loaded, Connectome)
     df = loaded.cells(cell_type="basket")
     assert df.attrs["version"] == loaded.version
     assert list(df["segment_id"]) == sorted(cells.loc[cells.cell_type == "basket", "segment_id"])
@@ -273,6 +274,7 @@ def test_merge_split_undo_make_versions_without_rewriting_synapses(empty_store, 
     assert set(c.synapses(pre=s_b)["synapse_id"]) == set(before_b["synapse_id"])
 
     undo1 = c.undo(user="bob")  # undoes the split
+    assert undo1.kind == "undo" and undo1.segments_after == [new]
     assert set(c.synapses(pre=new)["synapse_id"]) == set(after["synapse_id"])
     undo2 = c.undo(user="bob")  # undoes the merge
     pd.testing.assert_frame_equal(c.synapses(pre=5), before_a.assign())

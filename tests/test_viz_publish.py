@@ -44,3 +44,35 @@ def test_publish_command_republishes_the_run_at_the_latest_store_version(tmp_pat
     assert json.loads((run / "publish.json").read_text())["version"] == merged.version
     skel = json.loads((run / "publish.json").read_text())["skeletons"]
     assert skel == 1  # only cell 33 keeps its skeleton; the merged cell needs the skeleton stage again
+
+
+def test_publish_run_adds_layers_to_a_pipeline_run_and_serve_run_serves_it(tmp_path):
+    """The pipeline's layout: the segment stage wrote RUN/segmentation (with its pyramid) and the store; the EM
+    is the run's input (here zarr3). publish_run adds raw, meshes, skeletons, properties and synapses."""
+    import urllib.request
+
+    from storage.box import Box
+    from storage.volume import create_volume
+    from viz.precomputed_volume import PyramidSpec, write_pyramid
+    from viz.publish import publish_run
+    from viz.viewer import serve_run
+
+    image, seg, frag = viz_sample.make_volumes()
+    em = create_volume(str(tmp_path / "em.zarr"), shape_zyx=image.shape, dtype="uint8", voxel_size_xyz_nm=(8, 8, 8),
+                       chunk_shape_zyx=(32, 32, 32))
+    em.write(Box.from_shape(image.shape), image)
+    run = tmp_path / "run"
+    seg_info = write_pyramid(run / "segmentation", seg, PyramidSpec("segmentation", (8, 8, 8), chunk_size_xyz=(32, 32, 32),
+                                                                     sharded=True))
+    viz_sample.make_store(run / STORE, seg, frag).close()
+
+    report = publish_run(run, image=str(tmp_path / "em.zarr"), store=str(run / STORE), meshes=True)
+    assert report["meshes"] == 3 and report["skeletons"] == 3 and report["synapses"] == 3
+    info = json.loads((run / "segmentation" / "info").read_text())
+    assert info["scales"] == seg_info["scales"]  # the segment stage's volume is kept as it was
+    assert (info["mesh"], info["skeletons"], info["segment_properties"]) == ("mesh", "skeletons", "segment_properties")
+    raw = CloudVolume(f"file://{run}/raw", progress=False)
+    np.testing.assert_array_equal(np.asarray(raw[:, :, :])[..., 0].transpose(2, 1, 0), image)
+    with serve_run(run) as url:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200

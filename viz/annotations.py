@@ -111,9 +111,12 @@ def _encode_list(records: np.ndarray, ids: np.ndarray) -> bytes:
     return np.uint64(len(ids)).astype("<u8").tobytes() + records.tobytes() + ids.astype("<u8").tobytes()
 
 
+MIN_CHUNK_NM = 1.0  # cells are never refined below this
+
+
 def _next_chunk(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Halve the dimensions that are at least half the largest one (keeps cells near isotropic)."""
-    factor = np.where(chunk >= chunk.max() / 2, 2, 1)
+    factor = np.where((chunk >= chunk.max() / 2) & (chunk / 2 >= MIN_CHUNK_NM), 2, 1)
     return chunk / factor, factor
 
 
@@ -150,7 +153,8 @@ def spatial_levels(
         cells = c_lo[owner] + np.stack([d0, d1, d2], axis=1)
         flat = np.ravel_multi_index(cells.T, tuple(int(g) for g in grid))
         max_count = np.unique(flat, return_counts=True)[1].max()
-        p = 1.0 if level == MAX_SPATIAL_LEVELS - 1 else min(1.0, limit / max_count)
+        last = level == MAX_SPATIAL_LEVELS - 1 or np.all(_next_chunk(chunk)[1] == 1)
+        p = 1.0 if last else min(1.0, limit / max_count)
         emit_mask = u[remaining] < p if p < 1.0 else np.ones(remaining.size, bool)
         keep = emit_mask[owner]
         by_cell: dict[tuple[int, int, int], np.ndarray] = {}

@@ -5,7 +5,7 @@ Legacy format: ``<dir>/info`` = ``{"@type": "neuroglancer_legacy_mesh"}``, a man
 nm, uint32 triangle indices). A fragment per (segment, block) lets blockwise meshing write each block's
 pieces independently (`write_mesh_fragments`) and list them at the end (`write_mesh_manifests`); a
 single-volume run uses `write_legacy_meshes`. The legacy format cannot be sharded, so it suits runs with up
-to ~10^5 segments; larger runs need the multi-resolution Draco format (not written here yet).
+to ~10^5 segments; larger runs use the multi-resolution Draco format (viz/multires_meshes.py).
 
 Vertices are in nm in the volume's world frame: ``(voxel index + voxel_offset + 0.5) * voxel_size`` at a
 voxel's centre, so the mesh surface sits between voxel centres exactly as Neuroglancer draws the voxels.

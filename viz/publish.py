@@ -33,7 +33,7 @@ import pandas as pd
 from storage.box import Box
 from storage.errors import ConnectomeError
 from viz.annotations import AnnotationOptions, write_synapse_annotations
-from viz.kvstore import join, local_path, write_json
+from viz.kvstore import join, kvstore_url, local_path, write_json
 from viz.meshes import MeshOptions, mesh_labels, write_legacy_meshes
 from viz.multires_meshes import MultiresOptions, write_multires_meshes
 from viz.precomputed_volume import PyramidSpec, link_segmentation_extras, write_pyramid
@@ -42,6 +42,7 @@ from viz.skeletons import write_skeletons
 
 RAW, SEGMENTATION, FRAGMENTS, SYNAPSES, STORE = "raw", "segmentation", "fragments", "synapses", "connectome.duckdb"
 MESH, SKELETONS, SEGMENT_PROPERTIES = "mesh", "skeletons", "segment_properties"
+MESH_IN_MEMORY_VOXELS = 512**3  # meshing here reads the whole segmentation; larger runs mesh blockwise
 
 
 @dataclass
@@ -83,8 +84,15 @@ def publish_layers(
     voxel_offset_xyz: tuple[int, int, int] = (0, 0, 0),
     options: PublishOptions = PublishOptions(),
     version: int | None = None,
+    segmentation_in_place: bool = False,
+    meshes: bool = True,
 ) -> dict:
-    """Write the layers given; returns (and writes to publish.json) sizes and seconds per layer."""
+    """Write the layers given; returns (and writes to publish.json) sizes and seconds per layer.
+
+    `segmentation_in_place=True`: RUN/segmentation already holds `segmentation` (the segment stage wrote it with
+    its pyramid); only meshes, skeletons and properties are added to it. Meshes need the labels in memory: a
+    Volume up to 512^3 voxels is read whole, larger ones are left to a blockwise mesh stage.
+    """
     report: dict[str, Any] = {"version": version, "layers": {}}
 
     def timed(name: str, url: str, fn) -> Any:
@@ -107,12 +115,17 @@ def publish_layers(
         timed(FRAGMENTS, url, lambda: write_pyramid(url, fragments, spec("segmentation", fragments, None)))
     if segmentation is not None:
         seg_url = join(run, SEGMENTATION)
-        timed(SEGMENTATION, seg_url, lambda: write_pyramid(seg_url, segmentation, spec("segmentation", segmentation, None)))
+        if not segmentation_in_place:
+            timed(SEGMENTATION, seg_url,
+                  lambda: write_pyramid(seg_url, segmentation, spec("segmentation", segmentation, None)))
         extras: dict[str, str] = {}
-        if isinstance(segmentation, np.ndarray):  # blockwise meshing of large volumes is the mesh stage's job
+        labels = segmentation
+        if meshes and not isinstance(labels, np.ndarray) and int(np.prod(labels.shape)) <= MESH_IN_MEMORY_VOXELS:
+            labels = np.asarray(labels.read(labels.bounds))
+        if meshes and isinstance(labels, np.ndarray):  # larger volumes: blockwise meshing is a stage of its own
             url = join(seg_url, MESH)
             report["meshes"] = timed(MESH, url, lambda: _write_meshes(
-                url, mesh_labels(segmentation, voxel_size_xyz_nm, voxel_offset_xyz, options=options.mesh),
+                url, mesh_labels(labels, voxel_size_xyz_nm, voxel_offset_xyz, options=options.mesh),
                 voxel_size_xyz_nm, options))
             extras["mesh"] = MESH
         if skeleton_nodes is not None:
@@ -135,8 +148,6 @@ def publish_layers(
 # ------------------------------------------------------------------------------------------------------------
 # From the store
 # ------------------------------------------------------------------------------------------------------------
-MESH_IN_MEMORY_VOXELS = 512**3  # meshing here reads the whole segmentation; larger runs mesh in the mesh stage
-
 
 def _versioned_rows(connectome, table: str, version: int) -> pd.DataFrame:
     from storage.store.sql import Sql
@@ -218,8 +229,6 @@ def publish_from_store(
     if segmentation is None and fragments is not None:
         rows = id_map(connectome, v)
         segmentation = RelabelledVolume(fragments, dict(zip(rows.fragment_id.tolist(), rows.segment_id.tolist())))
-    if segmentation is not None and not isinstance(segmentation, np.ndarray) and int(np.prod(segmentation.shape)) <= MESH_IN_MEMORY_VOXELS:
-        segmentation = np.asarray(segmentation.read(segmentation.bounds))  # small enough: mesh it here too
     tables = store_tables(connectome, v)
     return publish_layers(
         run, voxel_size_xyz_nm=tuple(voxel_size_xyz_nm), voxel_offset_xyz=tuple(voxel_offset_xyz or (0, 0, 0)),
@@ -228,3 +237,49 @@ def publish_from_store(
         segments=tables["segments"] if len(tables["segments"]) else None,
         synapses=tables["synapses"], options=options, version=v,
     )
+
+
+def publish_run(
+    run: str | os.PathLike,
+    *,
+    image: Any = None,
+    store: str | None = None,
+    skeletons_dir: str | os.PathLike | None = None,
+    meshes: bool = True,
+    version: int | None = None,
+    options: PublishOptions = PublishOptions(),
+) -> dict:
+    """The pipeline's publish stage: RUN/segmentation (and RUN/fragments) exist already, written by the segment
+    stage; add RUN/raw from `image` (a URL or Volume; skipped if it already is RUN/raw), meshes, and skeletons,
+    segment properties and synapses from the store (skeletons from `skeletons_dir`/skeletons.parquet when the
+    store has none). Returns the publish report (also RUN/publish.json)."""
+    from storage import Connectome
+    from storage.volume import open_volume
+
+    seg_dir = local_path(join(run, SEGMENTATION))
+    try:
+        segmentation = open_volume("precomputed://" + join(run, SEGMENTATION))
+    except ConnectomeError as exc:
+        raise ConnectomeError(f"publish: no segmentation in {run} (run the segment stage first): {exc}") from None
+    location = str(store or os.path.join(str(run), STORE))
+    with Connectome.open(location) as connectome:
+        v = connectome.version if version is None else int(version)
+        tables = store_tables(connectome, v)
+    nodes = tables["skeleton_nodes"]
+    parquet = Path(skeletons_dir) / "skeletons.parquet" if skeletons_dir is not None else None
+    if not len(nodes) and parquet is not None and parquet.exists():
+        nodes = pd.read_parquet(parquet)
+    raw = None
+    if image is not None:
+        raw = image if hasattr(image, "read") else None
+        if raw is None and kvstore_url(str(image).replace("precomputed://", "")) != join(run, RAW):
+            raw = open_volume(image)
+    report = publish_layers(
+        run, voxel_size_xyz_nm=tuple(segmentation.voxel_size), voxel_offset_xyz=tuple(segmentation.voxel_offset),
+        image=raw, segmentation=segmentation, segmentation_in_place=True, meshes=meshes,
+        skeleton_nodes=nodes if len(nodes) else None,
+        segments=tables["segments"] if len(tables["segments"]) else None,
+        synapses=tables["synapses"], options=options, version=v,
+    )
+    report["segmentation_dir"] = seg_dir
+    return report

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import neuroglancer
 
@@ -222,3 +223,28 @@ def open_viewer(
         server.close()
         raise
     return ViewerSession(viewer, server, view, run_dir)
+
+
+@contextmanager
+def serve_run(
+    run: str | os.PathLike,
+    *,
+    port: int = 0,
+    bind_address: str = "127.0.0.1",
+    allow_remote: bool = False,
+    proofread: bool = True,
+    user: str = "viewer",
+) -> Iterator[str]:
+    """Serve a local run and yield the viewer URL (with proofreading when the run has a store)."""
+    session = open_viewer(run, port=port, bind_address=bind_address, allow_remote=allow_remote)
+    try:
+        if proofread:
+            from viz.proofread import attach
+
+            try:
+                attach(session, user=user)
+            except ConnectomeError:
+                pass  # no store: view only
+        yield session.url
+    finally:
+        session.close()

@@ -73,7 +73,9 @@ def contact_edges(labels: np.ndarray, image: np.ndarray, inside: tuple[slice, sl
 
 
 def edges_block(block: Block, *, fragments_spec: dict, image_spec: dict, lookup_path: str,
-                expand_voxels: int, fill_missing: bool = False) -> dict:
+                expand_voxels: int, fill_missing: bool = False, lookup_digest: str = "") -> dict:
+    """Contact edges between reconciled segments whose faces start in this write box (`lookup_digest` keys the
+    ledger to the reconcile table's content)."""
     from pipeline.stages.relabel import apply_lookup, load_lookup
 
     fragments, segments = load_lookup(lookup_path)

@@ -78,7 +78,9 @@ def combine_statistics(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return df.groupby("segment_id", sort=True).agg(agg).reset_index()
 
 
-def relabel_block(block: Block, *, fragments_spec: dict, output_spec: dict, lookup_path: str) -> dict:
+def relabel_block(block: Block, *, fragments_spec: dict, output_spec: dict, lookup_path: str,
+                  lookup_digest: str = "") -> dict:
+    """Write the final ids of this write box; `lookup_digest` only keys the ledger to the table's content."""
     fragments, segments = load_lookup(lookup_path)
     labels = open_volume(fragments_spec).read(block.write)
     out = apply_lookup(labels, fragments, segments)

@@ -31,10 +31,16 @@ from storage.volume import open_volume
 _MODEL_CACHE: dict[str, Any] = {}
 
 
-def _model(model_dir: str):
-    """One model per worker process: loading weights per block would dominate small blocks."""
+def _model(model_dir: str, tf_threads: int | None = 1):
+    """One model per worker process: loading weights per block would dominate small blocks.
+
+    TF's thread pools are sized before the first model is built: one block per worker thread, each block's
+    forward passes on `tf_threads` cores (a worker that let TF take every core would fight the other workers)."""
     if model_dir not in _MODEL_CACHE:
+        from ffn.executor import configure_threads
         from ffn.model import load_model
+
+        configure_threads(tf_threads, 1)
 
         _MODEL_CACHE[model_dir] = load_model(model_dir)
     return _MODEL_CACHE[model_dir]
@@ -127,13 +133,14 @@ def segment_block(
     fill_missing: bool = False,
     seed_context: Sequence[int] = (0, 0, 0),
     seed_reach: Sequence[int] | None = None,
+    tf_threads: int | None = 1,
 ) -> dict:
     """FFN over the read box -> fragments in the write box; returns fragment ids and sizes (small metadata)."""
     from ffn.inference import segment_volume
 
     volume = open_volume(input_spec, fill_missing=fill_missing)
     image = volume.read(block.read)
-    model, config = _model(model_dir)
+    model, config = _model(model_dir, tf_threads)
     options = dict(inference)
     if "seed_policy" not in options:
         margin = tuple(f // 2 for f in config.fov_size)

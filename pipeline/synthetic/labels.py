@@ -24,7 +24,7 @@ import scipy.ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.synthetic.morphology import GLIA, MAX_RADIUS_NM, SOMA, Obj
+from pipeline.synthetic.morphology import AXON, GLIA, MAX_RADIUS_NM, SOMA, Obj
 from pipeline.synthetic.params import SynthParams
 
 
@@ -383,7 +383,9 @@ def compute_labels(nodes: Nodes, params: SynthParams, start, shape) -> tuple[np.
     owner = core[tuple(ind[(slice(None),) + crop])]
     d2 = d2[crop]
     del ind
-    cap = params.core_nm + params.gap_nm + np.where(nodes.comp[owner] == GLIA, params.glia_fill_nm, 0.0)
+    oc = nodes.comp[owner]
+    cap = params.core_nm + np.where(oc == AXON, params.axon_gap_nm,
+                                    params.gap_nm + np.where(oc == GLIA, params.glia_fill_nm, 0.0))
     ok = (d2 < cap) & _inside_volume_mask(params, start, shape)
     seg = np.where(ok, nodes.seg[owner], -1).astype(np.int32)
     owner = np.where(ok, owner, -1)

@@ -271,8 +271,8 @@ class ConnectomeStore(Connectome):
                 # this version, so the synapse follows that fragment through merges/splits; a segment with no
                 # fragments becomes its own single fragment (identity id-map row).
                 staged = tx.stage(f"syn_{next(_stage_names)}", name, rows)
-                cols = [f"COALESCE(r1.fragment_id, b.pre_fragment_id)" if c == "pre_fragment_id" else
-                        f"COALESCE(r2.fragment_id, b.post_fragment_id)" if c == "post_fragment_id" else f"b.{c}"
+                cols = ["COALESCE(r1.fragment_id, b.pre_fragment_id)" if c == "pre_fragment_id" else
+                        "COALESCE(r2.fragment_id, b.post_fragment_id)" if c == "post_fragment_id" else f"b.{c}"
                         for c in t.column_names]
                 tx.execute(
                     f"WITH rep AS (SELECT segment_id, min(fragment_id) AS fragment_id FROM id_map "
