@@ -213,7 +213,9 @@ def _open_local(config: ClusterConfig) -> Iterator[Client]:
     cluster = LocalCluster(
         n_workers=0, processes=True, threads_per_worker=config.threads_per_worker,
         memory_limit=_memory_limit(config),
-        dashboard_address=config.dashboard_address if config.dashboard else None,
+        # the scheduler serves /health even without a dashboard; ':0' keeps it off a port someone else uses
+        dashboard_address=config.dashboard_address if config.dashboard else ":0",
+        scheduler_kwargs=None if config.dashboard else {"dashboard": False},
         host="127.0.0.1",
     )
     try:
@@ -288,9 +290,8 @@ def _open_slurm(config: ClusterConfig) -> Iterator[Client]:
         else:
             cluster.scale(jobs=s.jobs)
         with Client(cluster, timeout=config.timeout) as client:
-            first = s.processes * (s.jobs if s.maximum_jobs is None else max(1, s.minimum_jobs or 0))
-            if first:
-                client.wait_for_workers(min(first, 1), timeout=max(config.timeout, 120))
+            # one worker is enough to start: blocks stream in as more jobs leave the queue
+            client.wait_for_workers(1, timeout=max(config.timeout, 120))
             yield client
             with contextlib.suppress(Exception):
                 cluster.scale(0)  # retire workers before the jobs are cancelled: clean logs, empty queue
@@ -304,3 +305,29 @@ def _open_kubernetes(config: ClusterConfig) -> Iterator[Client]:
 
     with open_kube_cluster(config) as cluster, Client(cluster, timeout=config.timeout) as client:
         yield client
+
+
+def add_cluster_arguments(parser) -> None:
+    """`--cluster KIND` and friends, for commands that run stages (they override the config file's section)."""
+    group = parser.add_argument_group("cluster")
+    group.add_argument("--cluster", choices=KINDS, help="where workers run (default: config file, else local)")
+    group.add_argument("--workers", type=int, help="local: worker processes")
+    group.add_argument("--threads-per-worker", type=int, help="threads per worker process")
+    group.add_argument("--gpu-workers", type=int, help="local: how many workers advertise GPU=1")
+    group.add_argument("--scheduler", metavar="ADDRESS", help="address of a running scheduler (implies --cluster address)")
+
+
+def cluster_config_from_args(args, base: ClusterConfig | None = None) -> ClusterConfig:
+    """Apply the command-line overrides of `add_cluster_arguments` to a config (validated again)."""
+    import dataclasses
+
+    config = base or ClusterConfig()
+    changes = {}
+    for arg, name in (("cluster", "kind"), ("workers", "workers"), ("threads_per_worker", "threads_per_worker"),
+                      ("gpu_workers", "gpu_workers"), ("scheduler", "address")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            changes[name] = value
+    if getattr(args, "scheduler", None) and "kind" not in changes:
+        changes["kind"] = "address"
+    return dataclasses.replace(config, **changes) if changes else config

@@ -24,7 +24,7 @@ from distributed.client import FutureCancelledError
 from distributed.scheduler import KilledWorker
 
 from pipeline.progress import Progress
-from storage.box import Block, BlockGrid
+from storage.box import BlockGrid
 from storage.errors import ConnectomeError
 from storage.ledger import Ledger, fingerprint_hash
 
@@ -107,7 +107,11 @@ def _check_importable_on_workers(client: Client, block_fn: Callable, stage: str)
 
 
 def _print_dashboard_once(client: Client, stage: str) -> None:
-    link = getattr(client, "dashboard_link", None)
+    try:
+        has_dashboard = "dashboard" in client.scheduler_info().get("services", {})
+    except Exception:  # noqa: BLE001 - a link is a nicety, never a reason to fail
+        has_dashboard = False
+    link = getattr(client, "dashboard_link", None) if has_dashboard else None
     if link and link not in _dashboard_printed:
         _dashboard_printed.add(link)
         print(f"[{stage}] Dask dashboard: {link}", file=sys.stderr, flush=True)

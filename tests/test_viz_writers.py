@@ -164,11 +164,11 @@ def _random_synapses(n: int, seed: int = 3) -> pd.DataFrame:
 def test_synapse_annotations_read_back(tmp_path, sharded):
     from neuroglancer.read_precomputed_annotations import AnnotationReader
 
-    syn = _random_synapses(2500)
-    info = write_synapse_annotations(tmp_path / "syn", syn, AnnotationOptions(limit=300, sharded=sharded))
+    syn = _random_synapses(1200)
+    info = write_synapse_annotations(tmp_path / "syn", syn, AnnotationOptions(limit=60, sharded=sharded))
     assert info["annotation_type"] == "LINE"
     assert [r["id"] for r in info["relationships"]] == ["pre_segment", "post_segment"]
-    assert len(info["spatial"]) >= 3  # 2500 annotations at <= ~300 per cell need several levels
+    assert len(info["spatial"]) >= 3  # 1200 annotations at <= ~60 per cell need several levels
     for coarse, fine in zip(info["spatial"], info["spatial"][1:]):
         ratio = np.array(coarse["chunk_size"]) / np.array(fine["chunk_size"])
         assert set(ratio.round(6)) <= {1.0, 2.0}
@@ -192,7 +192,7 @@ def test_synapse_annotations_read_back(tmp_path, sharded):
     all_ids = {int(a.id) for a in reader.get_within_spatial_bounds()}
     assert all_ids == set(syn.synapse_id.tolist())
     level0 = reader.spatial[0][(0, 0, 0)]
-    assert 0 < len(level0) <= 300 * 1.3
+    assert 0 < len(level0) <= 60 * 1.3
     # every annotation listed in a cell touches that cell (neuroglancer's own box filter is unusable:
     # its _bbox_check_bounds compares max <= lower), and each appears at exactly one level
     lower = np.array(info["lower_bound"])

@@ -236,11 +236,16 @@ def cell_anchors(seed: int, cell_nm: float, counts: tuple[float, float, float, f
     """(type, anchor) of every object seeded in super-cell (cz, cy, cx); cheap, so blocks can skip far objects."""
     rng = rng_for(seed, KIND_CELL, cz, cy, cx)
     origin = np.array([cz, cy, cx], float) * cell_nm
-    ns = [int(rng.poisson(c)) for c in counts]
     out = []
-    for kind, n in zip(TYPES_IN_CELL, ns):
-        for _ in range(n):
-            out.append((kind, origin + rng.uniform(0, cell_nm, 3)))
+    for kind, mean in zip(TYPES_IN_CELL, counts):
+        # stratified, not Poisson: the count varies by at most one and anchors spread over sub-cells, so the
+        # neuropil has no voids where chance put few objects
+        n = int(mean) + int(rng.random() < mean - int(mean))
+        k = max(1, int(np.ceil(n ** (1.0 / 3.0))))
+        slots = rng.permutation(k ** 3)[:n] if n else np.zeros(0, int)
+        sub = np.stack(np.unravel_index(slots, (k, k, k)), 1) if n else np.zeros((0, 3))
+        for s in sub:
+            out.append((kind, origin + (s + rng.uniform(0, 1, 3)) * (cell_nm / k)))
     return tuple(out)
 
 

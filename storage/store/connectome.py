@@ -525,7 +525,7 @@ class Connectome:
         inline = "NOT MATERIALIZED " if self.backend.dialect == "postgres" else ""  # lets PostgreSQL go parallel
         # Cell types become small integer codes (0 = untyped) before the 10^7-row join and aggregation:
         # grouping integers is several times cheaper than grouping strings; labels are joined back at the end.
-        tc = ("tc AS (SELECT d.cell_type, dense_rank() OVER (ORDER BY d.cell_type) AS code "
+        tc = (f"tc AS {inline}(SELECT d.cell_type, dense_rank() OVER (ORDER BY d.cell_type) AS code "
               "FROM (SELECT DISTINCT cell_type FROM ct) d)")
         mt = (f"mt AS {inline}(SELECT m.fragment_id, m.segment_id, COALESCE(tc.code, 0) AS code FROM m "
               "LEFT JOIN ct ON ct.segment_id = m.segment_id LEFT JOIN tc ON tc.cell_type = ct.cell_type)")
