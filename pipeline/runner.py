@@ -106,13 +106,34 @@ def _check_importable_on_workers(client: Client, block_fn: Callable, stage: str)
                           f"there") from None
 
 
+def _dashboard_served(link: str) -> bool:
+    """False only when the scheduler answers 404 (its HTTP server runs, the dashboard is switched off).
+
+    Asks for the dashboard's root, which redirects to /status when the dashboard exists (cheap: rendering
+    /status itself takes seconds on a busy machine).
+    """
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(link)
+    root = url.path.rsplit("/", 1)[0] + "/"
+    try:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=2)
+        try:
+            conn.request("HEAD", root)
+            return conn.getresponse().status != 404
+        finally:
+            conn.close()
+    except Exception:  # noqa: BLE001 - unreachable from here (remote cluster, https): still worth printing
+        return True
+
+
 def _print_dashboard_once(client: Client, stage: str) -> None:
     try:
-        has_dashboard = "dashboard" in client.scheduler_info().get("services", {})
+        link = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
     except Exception:  # noqa: BLE001 - a link is a nicety, never a reason to fail
-        has_dashboard = False
-    link = getattr(client, "dashboard_link", None) if has_dashboard else None
-    if link and link not in _dashboard_printed:
+        link = None
+    if link and link not in _dashboard_printed and _dashboard_served(link):
         _dashboard_printed.add(link)
         print(f"[{stage}] Dask dashboard: {link}", file=sys.stderr, flush=True)
 

@@ -26,7 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.stages.agglomerate import AgglomerationParams, agglomerated_lookup, edges_block, merge_decisions
+from pipeline.stages.agglomerate import (AgglomerationParams, agglomerated_lookup, edges_block, merge_decisions,
+                                         score_edges)
 from pipeline.stages.reconcile import build_lookup, reconcile_block
 from pipeline.stages.relabel import combine_statistics, relabel_block
 from pipeline.stages.segment import segment_block
@@ -190,7 +191,14 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
         ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
         edges = pd.concat([pd.DataFrame(r["edges"]) for r in edge_results.values()], ignore_index=True) \
             if edge_results else pd.DataFrame()
-        decisions = merge_decisions(edges, config.agglomeration) if len(edges) else pd.DataFrame(columns=["a", "b"])
+        seg_int = pd.concat([pd.DataFrame(r.get("segments", {})) for r in edge_results.values()], ignore_index=True) \
+            if edge_results else pd.DataFrame()
+        if len(edges):
+            scored = score_edges(edges, seg_int)
+            write_parquet_atomic(scored, out / "agglomeration_edges.parquet")  # for tuning and proofreading
+            decisions = merge_decisions(scored, config.agglomeration)
+        else:
+            decisions = pd.DataFrame(columns=["a", "b"])
         merges = len(decisions)
         lookup = agglomerated_lookup(lookup, decisions)
     write_parquet_atomic(lookup, out / "lookup.parquet")

@@ -189,7 +189,7 @@ def test_training_decreases_loss_and_resumes_exactly(tmp_path):
     warm = Trainer(_config(tmp_path, h5, output_dir=str(tmp_path / "warm"), export_dir=None,
                            init_from=str(tmp_path / "model")), log=lambda s: None)
     assert warm.step == 0
-    for a, b in zip(warm.model.get_weights(), model.get_weights()):
+    for a, b in zip(warm.model.get_weights(), resumed.model.get_weights()):  # the export of step 130
         np.testing.assert_array_equal(a, b)
     rows = list(csv.DictReader(open(tmp_path / "run" / "scalars.csv")))
     assert [int(r["step"]) for r in rows][-2:] == [125, 130]

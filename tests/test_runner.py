@@ -31,7 +31,7 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def client():
-    config = ClusterConfig(workers=2, threads_per_worker=1, gpu_workers=1, dashboard=False, memory_limit="2GiB")
+    config = ClusterConfig(workers=2, threads_per_worker=1, gpu_workers=1, dashboard=True, memory_limit="2GiB")
     with open_client(config) as c:
         yield c
 
@@ -211,9 +211,11 @@ def test_progress_line_reports_done_total_rate_and_eta():
 
 def test_progress_and_dashboard_printed_to_stderr(client, tmp_path, capsys):
     run_blockwise("noop", small_grid(), rb.noop_block, params={}, client=client, ledger_dir=tmp_path, progress=True)
+    run_blockwise("noop2", small_grid(), rb.noop_block, params={}, client=client, ledger_dir=tmp_path, progress=True)
     err = capsys.readouterr().err
     assert "[noop] 4 blocks, 0 done in ledger, 4 to run" in err
-    assert "[noop] 4/4 blocks (100.0%)" in err
+    assert "[noop] 4/4 blocks (100.0%)" in err and "[noop2] 4/4 blocks (100.0%)" in err
+    assert err.count(f"Dask dashboard: {client.dashboard_link}") == 1  # once per cluster, not per stage
 
 
 def test_block_function_missing_on_workers_fails_fast_with_one_line(client, tmp_path, monkeypatch):

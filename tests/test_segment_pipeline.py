@@ -24,14 +24,20 @@ from storage.box import Box
 from storage.volume import create_volume, open_volume
 
 SHAPE = (32, 128, 128)
-MODEL = "synthetic_small"
+# the packaged model; CONNECTOME_TEST_SEGMENT_MODEL=DIR runs the module with another model folder
+MODEL = os.environ.get("CONNECTOME_TEST_SEGMENT_MODEL", "synthetic_small")
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _model_available() -> bool:
-    from ffn.model import MODELS_DIR
+    from ffn.model import resolve_model
+    from storage.errors import ConnectomeError
 
-    return (MODELS_DIR / MODEL / "config.json").exists()
+    try:
+        resolve_model(MODEL)
+    except ConnectomeError:
+        return False
+    return True
 
 
 pytestmark = pytest.mark.skipif(not _model_available(), reason="packaged FFN model synthetic_small missing")

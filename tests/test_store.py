@@ -175,6 +175,11 @@ def test_pagination_is_deterministic_and_complete(loaded):
         assert not page.attrs["complete"] and len(page) == 37
     joined = pd.concat(pages, ignore_index=True)
     pd.testing.assert_frame_equal(joined, full.reset_index(drop=True), check_like=False)
+    by_cell = loaded.synapses(pre=[7, 8, 9], valid_only=False)
+    page1 = loaded.synapses(pre=[7, 8, 9], valid_only=False, limit=5)
+    page2 = loaded.synapses(pre=[7, 8, 9], valid_only=False, limit=1000, after=page1.attrs["next_after"])
+    assert page2.attrs["complete"] and list(page1["synapse_id"]) + list(page2["synapse_id"]) == list(
+        by_cell["synapse_id"])
     first = loaded.cells(limit=10)
     assert len(first) == 10 and first.attrs["next_after"] == int(first["segment_id"].iloc[-1])
     assert int(loaded.cells(limit=10, after=first.attrs["next_after"])["segment_id"].iloc[0]) > 10 - 1

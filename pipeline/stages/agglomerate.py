@@ -25,11 +25,16 @@ from storage.volume import open_volume
 class AgglomerationParams:
     """expand_voxels: how far segments grow into unlabelled voxels before contacts are measured.
     min_intensity: mean raw intensity (0-255) across a contact above which two segments are merged.
-    min_contact: contact faces needed before a pair is considered at all (noise floor)."""
+    min_contact: contact faces needed before a pair is considered at all (noise floor).
+    min_ratio: when set, the rule is relative instead: merge when the contact's mean intensity is at least this
+        fraction of the mean interior intensity of the two segments (robust to the dataset's brightness/contrast,
+        which an absolute `min_intensity` is not).
+    """
 
     expand_voxels: int = 3
     min_intensity: float = 150.0
     min_contact: int = 30
+    min_ratio: float | None = None
 
 
 def expand_labels(labels: np.ndarray, distance: int) -> np.ndarray:
@@ -82,17 +87,49 @@ def edges_block(block: Block, *, fragments_spec: dict, image_spec: dict, lookup_
     labels = apply_lookup(open_volume(fragments_spec).read(block.read), fragments, segments)
     image = open_volume(image_spec, fill_missing=fill_missing).read(block.read)
     grown = expand_labels(labels, expand_voxels)
-    edges = contact_edges(grown, image, block.write.relative_to(block.read).slices)
-    return {"edges": edges.to_dict(orient="list")}
+    inside = block.write.relative_to(block.read).slices
+    edges = contact_edges(grown, image, inside)
+    return {"edges": edges.to_dict(orient="list"),
+            "segments": segment_intensity(labels[inside], image[inside]).to_dict(orient="list")}
 
 
-def merge_decisions(edges: pd.DataFrame, params: AgglomerationParams) -> pd.DataFrame:
-    """Sum per-block edges and keep the pairs to merge (mean face intensity = sum / (2 * faces))."""
+def segment_intensity(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
+    """Per segment: voxel count and summed raw intensity (its interior brightness, for the relative rule)."""
+    ids, inverse, counts = np.unique(labels.ravel(), return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=image.ravel().astype(np.float64), minlength=len(ids))
+    keep = ids != 0
+    return pd.DataFrame({"segment_id": ids[keep].astype(np.uint64), "voxels": counts[keep].astype(np.int64),
+                         "intensity_sum": sums[keep]})
+
+
+def score_edges(edges: pd.DataFrame, segments: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Sum per-block edges: a, b, contact, mean_intensity (= sum / (2 * faces)) and, given per-block segment
+    intensities, ratio = mean_intensity / mean interior intensity of a and b."""
+    total = edges.groupby(["a", "b"], sort=True)[["contact", "intensity_sum"]].sum().reset_index()
+    total["mean_intensity"] = total["intensity_sum"] / (2.0 * np.maximum(total["contact"], 1))
+    if segments is not None and len(segments):
+        seg = segments.groupby("segment_id")[["voxels", "intensity_sum"]].sum()
+        interior = seg["intensity_sum"] / np.maximum(seg["voxels"], 1)
+        ia = interior.reindex(total["a"].to_numpy()).to_numpy()
+        ib = interior.reindex(total["b"].to_numpy()).to_numpy()
+        total["ratio"] = total["mean_intensity"] / np.maximum(np.nan_to_num((ia + ib) / 2.0, nan=np.inf), 1e-6)
+    return total
+
+
+def merge_decisions(edges: pd.DataFrame, params: AgglomerationParams,
+                    segments: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Sum per-block edges and keep the pairs to merge: contact >= min_contact and the contact bright enough
+    (absolute `min_intensity`, or relative `min_ratio` when set; that needs `segments`)."""
     if edges.empty:
         return edges.assign(mean_intensity=[])
-    total = edges.groupby(["a", "b"], sort=True)[["contact", "intensity_sum"]].sum().reset_index()
-    total["mean_intensity"] = total["intensity_sum"] / (2.0 * total["contact"])
-    keep = (total["contact"] >= params.min_contact) & (total["mean_intensity"] >= params.min_intensity)
+    total = edges if "mean_intensity" in edges else score_edges(edges, segments)
+    keep = total["contact"] >= params.min_contact
+    if params.min_ratio is not None:
+        if "ratio" not in total:
+            raise ValueError("agglomeration: min_ratio needs per-segment intensities (segments)")
+        keep &= total["ratio"] >= params.min_ratio
+    else:
+        keep &= total["mean_intensity"] >= params.min_intensity
     return total[keep].reset_index(drop=True)
 
 

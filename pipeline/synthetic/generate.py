@@ -38,6 +38,7 @@ class SynthBlock:
     volumes: dict[str, np.ndarray]
     synapses: pd.DataFrame
     segments: pd.DataFrame
+    cleft_voxels: pd.DataFrame | None = None   # (synapse_id, voxels) of cleft voxels in the box
 
 
 def _as_box(box) -> Box:
@@ -93,7 +94,10 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
     raw, clefts = render(params, rbox.start, rbox.shape, labels, mitos, ves_pos, ves_host, synapses)
     crop = box.relative_to(rbox).slices
     volumes = {"raw": raw[crop], "gt": labels[crop], "compartments": comp[crop], "clefts": clefts[crop]}
-    return SynthBlock(volumes, _synapse_rows(params, synapses, box), _segment_rows(nodes, volumes["gt"]))
+    ids, counts = np.unique(volumes["clefts"], return_counts=True)
+    cleft_voxels = pd.DataFrame({"synapse_id": ids[ids != 0].astype(np.uint64), "voxels": counts[ids != 0]})
+    return SynthBlock(volumes, _synapse_rows(params, synapses, box), _segment_rows(nodes, volumes["gt"]),
+                      cleft_voxels)
 
 
 def isolated_voxels(labels: np.ndarray) -> np.ndarray:
@@ -147,16 +151,23 @@ def _segment_rows(nodes, gt: np.ndarray) -> pd.DataFrame:
                          "voxels": counts.astype(np.int64)})
 
 
-def merge_tables(blocks: Sequence[SynthBlock | tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Combine per-block rows into the volume's synapse table and cell-type table (voxel counts summed)."""
-    syn = [b.synapses if isinstance(b, SynthBlock) else b[0] for b in blocks]
-    seg = [b.segments if isinstance(b, SynthBlock) else b[1] for b in blocks]
+def merge_tables(blocks: Sequence) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Combine per-block rows (SynthBlock or (synapses, segments[, cleft_voxels]) tuples) into the volume's synapse
+    table (with `cleft_voxels`, the synapse's size in voxels) and cell-type table (voxel counts summed)."""
+    parts = [(b.synapses, b.segments, b.cleft_voxels) if isinstance(b, SynthBlock) else (tuple(b) + (None,))[:3]
+             for b in blocks]
+    syn = [p[0] for p in parts]
+    seg = [p[1] for p in parts]
+    cle = [p[2] for p in parts if p[2] is not None]
     synapses = pd.concat(syn, ignore_index=True) if syn else pd.DataFrame(columns=SYNAPSE_COLUMNS)
     synapses = synapses.sort_values("synapse_id", kind="stable").reset_index(drop=True)
+    for c in ("synapse_id", "pre_segment_id", "post_segment_id"):
+        synapses[c] = synapses[c].astype(np.uint64)
+    if cle:
+        sizes = pd.concat(cle, ignore_index=True).groupby("synapse_id")["voxels"].sum()
+        synapses["cleft_voxels"] = [int(sizes.get(int(i), 0)) for i in synapses["synapse_id"]]
     segments = pd.concat(seg, ignore_index=True) if seg else pd.DataFrame(columns=["segment_id", "cell_type", "voxels"])
     segments = (segments.groupby(["segment_id", "cell_type"], as_index=False)["voxels"].sum()
                 .sort_values("segment_id", kind="stable").reset_index(drop=True))
-    for c in ("synapse_id", "pre_segment_id", "post_segment_id"):
-        synapses[c] = synapses[c].astype(np.uint64)
     segments["segment_id"] = segments["segment_id"].astype(np.uint64)
     return synapses, segments

@@ -32,12 +32,12 @@ class SynthParams:
     axons_per_cell: float = 60.0             # Poisson means per super-cell
     spiny_per_cell: float = 2.0
     smooth_per_cell: float = 1.3
-    glia_per_cell: float = 2.5
+    glia_per_cell: float = 3.0
     soma_cell_nm: float = 12000.0           # somata are seeded in a coarser grid
     soma_probability: float = 0.35
     core_nm: float = 30.0                   # every object is a core set grown by core_nm + gap_nm
     gap_nm: float = 90.0                    # how far membranes sit outside the nominal radius (packing)
-    axon_gap_nm: float = 60.0               # axons stay thin: their neighbours fill the space around them
+    axon_gap_nm: float = 90.0               # axons stay thin: their neighbours fill the space around them
     glia_fill_nm: float = 250.0             # glia fill interstices up to this far (sheet-like processes)
 
     # --- synapses ---------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ def synth_block(block: Block, *, params: dict, specs: dict) -> dict[str, Any]:
         open_volume(spec, mode="r+").write(block.write, out.volumes[name])
     syn = out.synapses.astype({c: object for c in ("synapse_id", "pre_segment_id", "post_segment_id")})
     return {"synapses": [[v.item() if hasattr(v, "item") else v for v in row] for row in syn.itertuples(index=False)],
-            "segments": [[int(r.segment_id), r.cell_type, int(r.voxels)] for r in out.segments.itertuples(index=False)]}
+            "segments": [[int(r.segment_id), r.cell_type, int(r.voxels)] for r in out.segments.itertuples(index=False)],
+            "clefts": [[int(r.synapse_id), int(r.voxels)] for r in out.cleft_voxels.itertuples(index=False)]}
 
 
 def write_synthetic(dst: str | os.PathLike, params: SynthParams, *, client, block_shape=None, chunk_shape=None,
@@ -87,7 +88,9 @@ def write_synthetic(dst: str | os.PathLike, params: SynthParams, *, client, bloc
         for c in ("synapse_id", "pre_segment_id", "post_segment_id"):
             syn[c] = syn[c].astype(np.uint64)
         seg["segment_id"] = seg["segment_id"].astype(np.uint64)
-        blocks.append((syn, seg))
+        cle = pd.DataFrame(r.get("clefts", []), columns=["synapse_id", "voxels"])
+        cle["synapse_id"] = cle["synapse_id"].astype(np.uint64)
+        blocks.append((syn, seg, cle))
     synapses, cell_types = merge_tables(blocks)
     synapses.to_parquet(dst / "synapses.parquet", index=False)
     cell_types.to_parquet(dst / "cell_types.parquet", index=False)

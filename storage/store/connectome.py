@@ -368,10 +368,9 @@ class Connectome:
         return _finish(df, v, None, None)
 
     # ------------------------------------------------------------ synapses
-    def _synapse_select(self, q: Sql, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
-                        post_types: list[str], bbox, min_score, valid_only: bool, system: str | None,
-                        after: int | None) -> str:
-        """SQL (WITH ... SELECT, no ORDER BY) of the synapses matching the filters, partners resolved at v."""
+    def _base_sql(self, q: Sql, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
+                  post_types: list[str], bbox, min_score, valid_only: bool, after: int | None) -> str:
+        """SQL of the synapse rows (fragment level) that can match, with the cheap filters pushed down."""
         push = [q.visible("s", v)]
         if bbox is not None:
             lo, hi = bbox
@@ -391,7 +390,7 @@ class Connectome:
             push.append(f"s.synapse_id > {q.p(int(after))}")
         pushed = " AND ".join(push)
 
-        # The most selective side drives the scan: explicit ids use the fragment index.
+        # The most selective side drives the scan: explicit ids use the fragment index / zone maps.
         if pre or post:
             side, ids = ("pre", pre) if pre else ("post", post)
             frags = self._fragments(v, ids, side)
@@ -399,20 +398,24 @@ class Connectome:
                 self._fragments(v, post, "post")
             col = f"s.{side}_fragment_id"
             if not frags:
-                base = "SELECT s.* FROM synapses s WHERE FALSE"
-            elif self.backend.dialect == "duckdb" and len(frags) <= MAX_POINT_LOOKUPS:
-                base = " UNION ALL ".join(
+                return "SELECT s.* FROM synapses s WHERE FALSE"
+            if self.backend.dialect == "duckdb" and len(frags) <= MAX_POINT_LOOKUPS:
+                return " UNION ALL ".join(
                     f"SELECT s.* FROM synapses s WHERE {col} = {q.p(f)} AND {pushed}" for f in frags)
-            else:
-                base = f"SELECT s.* FROM synapses s WHERE {q.in_list(col, frags)} AND {pushed}"
-        elif pre_types or post_types:
+            return f"SELECT s.* FROM synapses s WHERE {q.in_list(col, frags)} AND {pushed}"
+        if pre_types or post_types:
             side, types = ("pre", pre_types) if pre_types else ("post", post_types)
-            base = (f"SELECT s.* FROM synapses s WHERE s.{side}_fragment_id IN "
+            return (f"SELECT s.* FROM synapses s WHERE s.{side}_fragment_id IN "
                     f"(SELECT m.fragment_id FROM m JOIN ct ON ct.segment_id = m.segment_id "
                     f"WHERE {q.in_list('ct.cell_type', types)}) AND {pushed}")
-        else:
-            base = f"SELECT s.* FROM synapses s WHERE {pushed}"
+        return f"SELECT s.* FROM synapses s WHERE {pushed}"
 
+    def _synapse_select(self, q: Sql, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
+                        post_types: list[str], bbox, min_score, valid_only: bool, system: str | None,
+                        after: int | None) -> str:
+        """SQL (WITH ... SELECT, no ORDER BY) of the synapses matching the filters, partners resolved at v."""
+        base = self._base_sql(q, v, pre=pre, post=post, pre_types=pre_types, post_types=post_types, bbox=bbox,
+                              min_score=min_score, valid_only=valid_only, after=after)
         where = ["TRUE"]
         if pre:
             where.append(q.in_list("m1.segment_id", pre))
@@ -439,6 +442,54 @@ class Connectome:
             f"WHERE {' AND '.join(where)}"
         )
 
+    def _synapses_two_step(self, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
+                           post_types: list[str], bbox, min_score, valid_only: bool, system: str | None,
+                           after: int | None) -> pd.DataFrame:
+        """DuckDB path for explicit pre/post ids: fetch the (few) candidate rows with a pruned scan, then
+        resolve only their fragments. Same answer as _synapse_select, but ~2.5x less CPU than joining the whole
+        id map and cell-type table inside one query (measured), which matters for one-cell latency."""
+        q = Sql(self.backend.dialect)
+        base = self._base_sql(q, v, pre=pre, post=post, pre_types=[], post_types=[], bbox=bbox,
+                              min_score=min_score, valid_only=valid_only, after=after)
+        rows = self.backend.query_arrow(base, q.params).to_pandas()
+        frags = sorted(set(rows["pre_fragment_id"].tolist()) | set(rows["post_fragment_id"].tolist()))
+        if frags:
+            q = Sql(self.backend.dialect)
+            sys_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else ""
+            lookup = self.backend.query(
+                f"SELECT i.fragment_id, i.segment_id, c.cell_type FROM id_map i LEFT JOIN cell_types c ON "
+                f"c.segment_id = i.segment_id AND {q.visible('c', v)}{sys_filter} "
+                f"WHERE {q.visible('i', v)} AND {q.in_list('i.fragment_id', frags)}", q.params)
+        else:
+            lookup = pd.DataFrame({"fragment_id": [], "segment_id": [], "cell_type": []})
+        seg = dict(zip(lookup["fragment_id"].astype("int64"), lookup["segment_id"].astype("int64")))
+        ctype = dict(zip(lookup["segment_id"].astype("int64"), lookup["cell_type"]))
+        pre_seg = rows["pre_fragment_id"].map(seg).fillna(0).astype("int64")
+        post_seg = rows["post_fragment_id"].map(seg).fillna(0).astype("int64")
+        out = pd.DataFrame({"synapse_id": rows["synapse_id"], "pre_segment_id": pre_seg,
+                            "post_segment_id": post_seg,
+                            "pre_cell_type": pre_seg.map(ctype).astype(object),
+                            "post_cell_type": post_seg.map(ctype).astype(object)})
+        for col in SYNAPSE_COLUMNS[5:]:
+            if col != "valid":
+                out[col] = rows[col]
+        out["valid"] = rows["valid"].astype(bool) & (pre_seg != 0) & (post_seg != 0) & (pre_seg != post_seg)
+        keep = pd.Series(True, index=out.index)
+        if pre:
+            keep &= out["pre_segment_id"].isin(pre)
+        if post:
+            keep &= out["post_segment_id"].isin(post)
+        if pre_types:
+            keep &= out["pre_cell_type"].isin(pre_types)
+        if post_types:
+            keep &= out["post_cell_type"].isin(post_types)
+        if valid_only:
+            keep &= out["valid"]
+        out = out[keep].sort_values("synapse_id", kind="stable")
+        for col in ("pre_cell_type", "post_cell_type"):
+            out[col] = out[col].where(out[col].notna(), None)
+        return typed(out.reset_index(drop=True))
+
     def synapses(self, pre=None, post=None, pre_type=None, post_type=None, bbox=None, min_score=None,
                  valid_only: bool = True, *, classification_system: str | None = None, version=None,
                  limit: int | None = None, after: int | None = None) -> pd.DataFrame:
@@ -458,6 +509,11 @@ class Connectome:
         system = self._system(v, classification_system)
         self._check_types(v, pre_types, system, "pre_type")
         self._check_types(v, post_types, system, "post_type")
+        if self.backend.dialect == "duckdb" and (pre_ids or post_ids):
+            df = self._synapses_two_step(v, pre=pre_ids, post=post_ids, pre_types=pre_types, post_types=post_types,
+                                         bbox=box, min_score=score, valid_only=bool(valid_only), system=system,
+                                         after=cursor)
+            return _finish(df if limit is None else df.iloc[:limit + 1], v, limit, "synapse_id")
         q = Sql(self.backend.dialect)
         sql = self._synapse_select(q, v, pre=pre_ids, post=post_ids, pre_types=pre_types, post_types=post_types,
                                    bbox=box, min_score=score, valid_only=bool(valid_only), system=system,
@@ -480,11 +536,20 @@ class Connectome:
             raise QueryError(f"direction must be 'out' or 'in', got {direction!r}")
         n_min = int(_as_number(min_synapses, "min_synapses"))
         system = self._system(v, classification_system)
-        q = Sql(self.backend.dialect)
         kw = dict(pre=[seg], post=[]) if direction == "out" else dict(pre=[], post=[seg])
+        partner, ptype = ("post_segment_id", "post_cell_type") if direction == "out" else ("pre_segment_id", "pre_cell_type")
+        if self.backend.dialect == "duckdb":
+            syn = self._synapses_two_step(v, pre_types=[], post_types=[], bbox=None, min_score=None,
+                                          valid_only=bool(valid_only), system=system, after=None, **kw)
+            grouped = syn.groupby(partner, sort=False)
+            df = pd.DataFrame({"n_synapses": grouped.size(), "partner_cell_type": grouped[ptype].first()})
+            df = df.rename_axis("partner_id").reset_index()
+            df = df[df["n_synapses"] >= n_min].sort_values(["n_synapses", "partner_id"], ascending=[False, True])
+            df["partner_cell_type"] = df["partner_cell_type"].where(df["partner_cell_type"].notna(), None)
+            return _finish(df[["partner_id", "n_synapses", "partner_cell_type"]], v, None, None)
+        q = Sql(self.backend.dialect)
         inner = self._synapse_select(q, v, pre_types=[], post_types=[], bbox=None, min_score=None,
                                      valid_only=bool(valid_only), system=system, after=None, **kw)
-        partner, ptype = ("post_segment_id", "post_cell_type") if direction == "out" else ("pre_segment_id", "pre_cell_type")
         sql = (f"SELECT x.{partner} AS partner_id, count(*) AS n_synapses, min(x.{ptype}) AS partner_cell_type "
                f"FROM ({inner}) x GROUP BY x.{partner} HAVING count(*) >= {q.p(n_min)} "
                "ORDER BY n_synapses DESC, partner_id")
@@ -525,10 +590,17 @@ class Connectome:
         inline = "NOT MATERIALIZED " if self.backend.dialect == "postgres" else ""  # lets PostgreSQL go parallel
         # Cell types become small integer codes (0 = untyped) before the 10^7-row join and aggregation:
         # grouping integers is several times cheaper than grouping strings; labels are joined back at the end.
-        tc = (f"tc AS {inline}(SELECT d.cell_type, dense_rank() OVER (ORDER BY d.cell_type) AS code "
-              "FROM (SELECT DISTINCT cell_type FROM ct) d)")
-        mt = (f"mt AS {inline}(SELECT m.fragment_id, m.segment_id, COALESCE(tc.code, 0) AS code FROM m "
-              "LEFT JOIN ct ON ct.segment_id = m.segment_id LEFT JOIN tc ON tc.cell_type = ct.cell_type)")
+        # (PostgreSQL keeps the strings: the window function would make its plan parallel-restricted, and a
+        # parallel plan matters more there.)
+        if self.backend.dialect == "postgres":
+            tc = ("tc AS (SELECT DISTINCT ct.cell_type, ct.cell_type AS code FROM ct)")
+            mt = (f"mt AS {inline}(SELECT m.fragment_id, m.segment_id, ct.cell_type AS code FROM m "
+                  "LEFT JOIN ct ON ct.segment_id = m.segment_id)")
+        else:
+            tc = ("tc AS (SELECT d.cell_type, dense_rank() OVER (ORDER BY d.cell_type) AS code "
+                  "FROM (SELECT DISTINCT cell_type FROM ct) d)")
+            mt = ("mt AS (SELECT m.fragment_id, m.segment_id, COALESCE(tc.code, 0) AS code FROM m "
+                  "LEFT JOIN ct ON ct.segment_id = m.segment_id LEFT JOIN tc ON tc.cell_type = ct.cell_type)")
         cond = f"WHERE {' AND '.join(push + where)}"
         head = f"WITH {self._ctes(q, v, system)}, {tc}, {mt}"
         if group_by == "segment":
@@ -542,9 +614,13 @@ class Connectome:
                        f"min(m1.code) AS pre_code, min(m2.code) AS post_code, count(*) AS n {joins} {cond} "
                        f"GROUP BY m1.segment_id, m2.segment_id HAVING count(*) >= {q.p(n_min)}) e GROUP BY 1, 2")
             untyped = q.p(UNTYPED)
-            sql = (f"{head}, a AS ({agg}) SELECT COALESCE(t1.cell_type, {untyped}) AS pre_group, "
-                   f"COALESCE(t2.cell_type, {untyped}) AS post_group, a.n FROM a "
-                   "LEFT JOIN tc t1 ON t1.code = a.pre_code LEFT JOIN tc t2 ON t2.code = a.post_code")
+            if self.backend.dialect == "postgres":  # codes are the labels themselves (NULL = untyped)
+                sql = (f"{head}, a AS ({agg}) SELECT COALESCE(a.pre_code, {untyped}) AS pre_group, "
+                       f"COALESCE(a.post_code, {untyped}) AS post_group, a.n FROM a")
+            else:
+                sql = (f"{head}, a AS ({agg}) SELECT COALESCE(t1.cell_type, {untyped}) AS pre_group, "
+                       f"COALESCE(t2.cell_type, {untyped}) AS post_group, a.n FROM a "
+                       "LEFT JOIN tc t1 ON t1.code = a.pre_code LEFT JOIN tc t2 ON t2.code = a.post_code")
         edges = self.backend.query(sql, q.params)
         edges["n"] = edges["n"].astype("int64")
         if group_by == "segment":
