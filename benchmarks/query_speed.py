@@ -38,12 +38,16 @@ EXTENT_NM = 1_000_000
 BOX_NM = 50_000
 
 
-def timed(fn, reps: int) -> list[float]:
+def timed(fn, reps: int, cpu: list | None = None) -> list[float]:
+    """Wall seconds per call; with ``cpu``, also appends this process's CPU seconds per call (DuckDB and pandas
+    run in-process, so CPU time shows their cost even when a shared machine stretches the wall time)."""
     out = []
     for i in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn(i)
         out.append(time.perf_counter() - t)
+        if cpu is not None:
+            cpu.append(time.process_time() - c)
     return out
 
 
@@ -68,13 +72,22 @@ def load(store: ConnectomeStore, tables: dict, batch: int) -> float:
     return time.perf_counter() - t
 
 
+def cpu_stats(one_cpu, conn_cpu) -> dict:
+    return {"one_cell_synapses_cpu_p50_ms": round(float(np.median(one_cpu)) * 1000, 2),
+            "connectivity_matrix_cpu_s": round(float(np.median(conn_cpu)), 3)}
+
+
 def run_store(store, cells: np.ndarray, boxes, reps: int, conn_reps: int) -> dict:
     store.synapses(pre=int(cells[0]))  # warm caches once
-    one = timed(lambda i: store.synapses(pre=int(cells[i])), reps)
+    one_cpu, conn_cpu = [], []
+    one = timed(lambda i: store.synapses(pre=int(cells[i])), reps, one_cpu)
     par = timed(lambda i: store.partners(int(cells[-1 - i]), direction="out"), reps)
     box = timed(lambda i: store.synapses(bbox=boxes[i % len(boxes)]), max(5, reps // 2))
-    con = timed(lambda i: store.connectivity(group_by="cell_type"), conn_reps)
-    return stats(one, par, box, con)
+    con = timed(lambda i: store.connectivity(group_by="cell_type"), conn_reps, conn_cpu)
+    out = stats(one, par, box, con)
+    if store.backend.dialect == "duckdb":  # PostgreSQL works in its server processes: no client CPU figure
+        out.update(cpu_stats(one_cpu, conn_cpu))
+    return out
 
 
 def run_pandas(tables: dict, cells: np.ndarray, boxes, reps: int, conn_reps: int) -> dict:
@@ -106,8 +119,10 @@ def run_pandas(tables: dict, cells: np.ndarray, boxes, reps: int, conn_reps: int
         post = s.post_segment_id.map(types).fillna("untyped")
         return pd.crosstab(pre, post)
 
-    return stats(timed(one_cell, reps), timed(partners, reps), timed(bbox, max(5, reps // 2)),
-                 timed(conn, conn_reps))
+    one_cpu, conn_cpu = [], []
+    out = stats(timed(one_cell, reps, one_cpu), timed(partners, reps), timed(bbox, max(5, reps // 2)),
+                timed(conn, conn_reps, conn_cpu))
+    return {**out, **cpu_stats(one_cpu, conn_cpu)}
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,10 @@ def run_blocks(n: int, workers: int, ledger_dir: Path) -> dict:
         if done >= next_sample[0]:
             samples.append((done, rss_mb()))
             next_sample[0] = done + step
+            print(f"{done}/{total} blocks, {time.perf_counter() - start:.0f} s, driver RSS {samples[-1][1]:.1f} MiB",
+                  file=sys.stderr, flush=True)
 
+    start = time.perf_counter()
     with open_client(ClusterConfig(workers=workers, dashboard=False)) as client:
         client.run(lambda: None)
         rss_before = rss_mb()

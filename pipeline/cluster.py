@@ -143,7 +143,7 @@ class ClusterConfig:
     gpu_workers: int = 0  # local: how many of the workers advertise GPU=1 (each sees one CUDA device)
     resources: dict[str, float] = field(default_factory=dict)  # extra resource labels on every worker
     dashboard: bool = True
-    dashboard_address: str = ":0"  # ':8787' for the usual port; ':0' picks a free one
+    dashboard_address: str = ":8787"  # ":0" picks a free port
     address: str | None = None  # kind=address: tcp://host:port of a running scheduler ($DASK_SCHEDULER_ADDRESS)
     timeout: float = 60.0  # seconds to wait for the scheduler / first workers
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

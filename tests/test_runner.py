@@ -31,7 +31,8 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def client():
-    config = ClusterConfig(workers=2, threads_per_worker=1, gpu_workers=1, dashboard=True, memory_limit="2GiB")
+    config = ClusterConfig(workers=2, threads_per_worker=1, gpu_workers=1, dashboard=True,
+                           dashboard_address=":0", memory_limit="2GiB")
     with open_client(config) as c:
         yield c
 

@@ -91,7 +91,13 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
             host = ctrl_seg[np.argmin(np.linalg.norm(ctrl - c, axis=1))]
             if host >= 0:
                 mitos.append((p0, p1, mr, nodes.seg_ids[host]))
-    raw, clefts = render(params, rbox.start, rbox.shape, labels, mitos, ves_pos, ves_host, synapses)
+    nuclei = []
+    for oi, obj in enumerate(objects):
+        if obj.soma_center is not None and nodes.ctrl_seg[oi][0][0] >= 0:
+            rng = np.random.default_rng(obj.key)
+            offset = rng.normal(size=3) * 0.12 * obj.soma_radius
+            nuclei.append((obj.soma_center + offset, 0.55 * obj.soma_radius, nodes.seg_ids[nodes.ctrl_seg[oi][0][0]]))
+    raw, clefts = render(params, rbox.start, rbox.shape, labels, mitos, ves_pos, ves_host, synapses, nuclei)
     crop = box.relative_to(rbox).slices
     volumes = {"raw": raw[crop], "gt": labels[crop], "compartments": comp[crop], "clefts": clefts[crop]}
     ids, counts = np.unique(volumes["clefts"], return_counts=True)

@@ -17,6 +17,7 @@ global positions, so any box computed with enough padding (`label_pad_voxels`) a
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import scipy.ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.synthetic.morphology import AXON, GLIA, MAX_RADIUS_NM, SOMA, Obj
+from pipeline.synthetic.morphology import AXON, GLIA, MAX_RADIUS_NM, MAX_SOMA_RADIUS_NM, SOMA, Obj, soma_object
 from pipeline.synthetic.params import SynthParams
 
 
@@ -133,25 +134,64 @@ class _ObjectRuns:
     inside: np.ndarray
     run: np.ndarray        # per element (control points, then edges): run rank, -1 none
     n_runs: int
+    shell: np.ndarray      # control points inside another cell's soma shell
 
 
 _RUNS_CACHE: dict = {}
 
 
-def _object_runs(obj: Obj, vol_hi: np.ndarray, core_nm: float) -> _ObjectRuns:
-    key = (obj.key, tuple(vol_hi), core_nm, id(obj))
+SOMA_SHELL_NM = 300.0   # other objects keep their control points this far outside a soma (edges <= 250 nm long)
+
+
+def foreign_somata(params: SynthParams, lo_nm: np.ndarray, hi_nm: np.ndarray) -> list[tuple[np.ndarray, float, int]]:
+    """(centre, radius, key) of every soma whose ball (+ shell) meets the box: other objects must stay out of it."""
+    if params.soma_probability <= 0:
+        return []
+    s = params.soma_cell_nm
+    reach = MAX_SOMA_RADIUS_NM + SOMA_SHELL_NM
+    lo_s = np.floor((np.asarray(lo_nm) - reach) / s).astype(int)
+    hi_s = np.floor((np.asarray(hi_nm) + reach) / s).astype(int)
+    out = []
+    for c in itertools.product(*(range(a, b + 1) for a, b in zip(lo_s, hi_s))):
+        o = soma_object(params.seed, s, params.soma_probability, *c)
+        if o is None:
+            continue
+        near = np.clip(o.soma_center, lo_nm, hi_nm)
+        if np.linalg.norm(near - o.soma_center) < o.soma_radius + SOMA_SHELL_NM:
+            out.append((o.soma_center, float(o.soma_radius), o.key))
+    return out
+
+
+def _in_somata(pts: np.ndarray, somata, own_key: int, margin: float) -> np.ndarray:
+    hit = np.zeros(len(pts), bool)
+    for c, r, k in somata:
+        if k != own_key:
+            hit |= np.sum((pts - c) ** 2, axis=1) < (r + margin) ** 2
+    return hit
+
+
+def _object_runs(obj: Obj, vol_hi: np.ndarray, core_nm: float, params: SynthParams | None = None) -> _ObjectRuns:
+    key = (obj.key, tuple(vol_hi), core_nm, id(obj),
+           None if params is None else (params.soma_probability, params.soma_cell_nm))
     hit = _RUNS_CACHE.get(key)
     if hit is not None:
         return hit
     pts, rad, comp, spine, ea, eb, offs = _object_graph(obj)
     nc = len(pts)
     inside = np.all((pts >= 0) & (pts < vol_hi), axis=1)
+    # neurites do not pass through other cells' somata: control points in a soma's shell count as outside, and
+    # so do the edges touching them (see build_nodes), so the runs split there instead of tunnelling through
+    shell = np.zeros(len(pts), bool)
+    if params is not None:
+        somata = foreign_somata(params, obj.lo, obj.hi)
+        shell = _in_somata(pts, somata, obj.key, SOMA_SHELL_NM)
+        inside &= ~shell
     if obj.soma_center is not None:  # control point 0 is the soma centre: inside when its ball meets the volume
         nearest = np.clip(obj.soma_center, 0, vol_hi)
         inside[0] = np.linalg.norm(nearest - obj.soma_center) < obj.soma_radius - core_nm
     both = inside[ea] & inside[eb]
     # edges with both ends outside that still cross the volume are pieces of their own
-    cand = ~inside[ea] & ~inside[eb]
+    cand = ~inside[ea] & ~inside[eb] & ~shell[ea] & ~shell[eb]
     crossing = np.zeros(len(ea), bool)
     if cand.any():
         crossing[cand] = _segment_hits_box(pts[ea[cand]], pts[eb[cand]], np.zeros(3), vol_hi)
@@ -168,7 +208,7 @@ def _object_runs(obj: Obj, vol_hi: np.ndarray, core_nm: float) -> _ObjectRuns:
         rank = np.argsort(np.argsort(first))
         run[elements] = rank[inv]
         n_runs = len(uniq)
-    out = _ObjectRuns(pts, rad, comp, spine, ea, eb, offs, inside, run, n_runs)
+    out = _ObjectRuns(pts, rad, comp, spine, ea, eb, offs, inside, run, n_runs, shell)
     if len(_RUNS_CACHE) > 50000:
         _RUNS_CACHE.clear()
     _RUNS_CACHE[key] = out
@@ -187,10 +227,10 @@ def build_nodes(params: SynthParams, objects: list[Obj], lo_nm: np.ndarray, hi_n
     seg_type: list[str] = []
     ctrl_seg_all: list[list[np.ndarray]] = []
     E: dict[str, list] = {k: [] for k in ("a", "b", "ra", "rb", "comp", "spine", "obj", "seg_a", "seg_b", "seg_x",
-                                          "in_a", "in_b", "soma")}
+                                          "in_a", "in_b", "soma", "drop", "key")}
     somata = []
     for oi, obj in enumerate(objects):
-        r = _object_runs(obj, vol_hi, params.core_nm)
+        r = _object_runs(obj, vol_hi, params.core_nm, params)
         base = len(seg_ids)
         for k in range(r.n_runs):
             seg_ids.append((obj.key << 10) | min(k, 1023))
@@ -218,6 +258,8 @@ def build_nodes(params: SynthParams, objects: list[Obj], lo_nm: np.ndarray, hi_n
         E["seg_x"].append(gseg[nc + near])
         E["in_a"].append(r.inside[a])
         E["in_b"].append(r.inside[b])
+        E["drop"].append((r.shell[a] | r.shell[b]) & ~(r.inside[a] | r.inside[b]))
+        E["key"].append(np.full(len(a), obj.key, np.int64))
         E["soma"].append(is_soma_edge)
     parts = []
     for oi, sg in somata:
@@ -239,7 +281,13 @@ def build_nodes(params: SynthParams, objects: list[Obj], lo_nm: np.ndarray, hi_n
         t = k / m[eid]
         pos = e["a"][eid] + (e["b"] - e["a"])[eid] * t[:, None]
         rad = e["ra"][eid] + (e["rb"] - e["ra"])[eid] * t
-        ins = np.all((pos >= 0) & (pos < vol_hi), axis=1)
+        ins = np.all((pos >= 0) & (pos < vol_hi), axis=1) & ~e["drop"][eid]
+        comp_n = e["comp"][eid]
+        for c, rs, sk in foreign_somata(params, box_lo, box_hi):
+            in_ball = np.sum((pos - c) ** 2, axis=1) < rs * rs
+            own = e["key"][eid] == sk
+            ins &= ~(in_ball & ~own)
+            comp_n = np.where(in_ball & own, SOMA, comp_n).astype(np.uint8)  # a cell's own branch roots are soma
         run = np.where(e["in_a"], e["seg_a"], np.where(e["in_b"], e["seg_b"], e["seg_x"]))[eid]
         both = (e["in_a"] & e["in_b"])[eid]
         seg = np.where(both, e["seg_a"][eid], np.where(ins, run, -1))
@@ -247,7 +295,7 @@ def build_nodes(params: SynthParams, objects: list[Obj], lo_nm: np.ndarray, hi_n
         offset = sum(len(p["pos"]) for p in parts)
         par = offset + np.arange(total) - 1
         par[starts] = -1
-        parts.append(dict(pos=pos, rad=rad, comp=e["comp"][eid], par=par, obj=e["obj"][eid],
+        parts.append(dict(pos=pos, rad=rad, comp=comp_n, par=par, obj=e["obj"][eid],
                           seg=seg.astype(np.int32), ins=ins & (seg >= 0) & keep, som=np.zeros(total, bool),
                           sp=e["spine"][eid], sub=k.astype(np.int32)))
     if not parts:
@@ -319,7 +367,14 @@ def _detour_collisions(out: np.ndarray, flat: np.ndarray, node: np.ndarray, node
     for f, n in pairs:
         v = np.array(np.unravel_index(int(f), out.shape))
         mine = node_obj[n]
-        for e in _STEPS:
+        # the detour must step sideways: not along the directions in which the loser's chain continues
+        nb = v + _STEPS
+        ok_nb = np.all((nb >= 0) & (nb < shape), axis=1)
+        cur_nb = np.full(len(_STEPS), -1)
+        cur_nb[ok_nb] = out[tuple(nb[ok_nb].T)]
+        along = {tuple(d) for d, c in zip(_STEPS, cur_nb) if c >= 0 and node_obj[c] == mine}
+        sideways = [e for e in _STEPS if tuple(e) not in along and tuple(-e) not in along] or list(_STEPS)
+        for e in sideways:
             w = v + e
             ring = w + _STEPS
             ring = ring[np.any(ring != v, axis=1)]

@@ -50,7 +50,7 @@ def _sub_centres(lo, hi, start, vs):
 
 
 def render(params: SynthParams, start, shape, labels: np.ndarray, mitos, ves_pos: np.ndarray, ves_host: np.ndarray,
-           synapses: list[Synapse]) -> tuple[np.ndarray, np.ndarray]:
+           synapses: list[Synapse], nuclei=()) -> tuple[np.ndarray, np.ndarray]:
     """(raw uint8, clefts uint64) for the box [start, start + shape) given its labels. Caller crops the padding."""
     seed = params.seed
     vs = np.array(params.voxel_size_zyx)
@@ -74,6 +74,23 @@ def render(params: SynthParams, start, shape, labels: np.ndarray, mitos, ves_pos
     zz, yy, xx = (np.arange(a, a + n, dtype=np.int64) for a, n in zip(tstart, tshape))
     grain = hash_uniform(seed, K_GRAIN, zz[:, None, None], yy[None, :, None], xx[None, None, :])
     img[(grain > 0.9965) & cell] -= 55.0
+
+    # --- nuclei of somata: lighter, clumped chromatin, dark double envelope -----------------------------
+    for centre, radius, host in nuclei:
+        lb = _local_box(centre - radius - 20.0, centre + radius + 20.0, start, shape, vs)
+        if lb is None:
+            continue
+        lo, hi = lb
+        z, y, x = _sub_centres(lo, hi, start, vs)
+        d = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+        sl = tuple(slice(a_, b_) for a_, b_ in zip(lo, hi))
+        mine = labels[sl] == host
+        sub = img[sl]
+        chrom = coarse[sl]
+        inside = mine & (d < radius)
+        sub[inside] += np.float32(12.0) + np.float32(10.0) * chrom[inside]
+        env = mine & (np.abs(d - radius) < 14.0)
+        sub[env] -= np.float32(55.0)
 
     # --- mitochondria ------------------------------------------------------------------------------
     for p0, p1, mr, host in mitos:

@@ -310,13 +310,13 @@ class Connectome:
         """Fragments of these segments at v; with ``what``, unknown segments raise QueryError (one round trip
         when every segment has fragments, the common case)."""
         q = Sql(self.backend.dialect)
-        df = self.backend.query(
+        rows = self.backend.rows(
             f"SELECT i.segment_id, i.fragment_id FROM id_map i WHERE {q.visible('i', v)} AND "
             f"{q.in_list('i.segment_id', ids)}", q.params)
         if what is not None:
-            missing = sorted(set(ids) - {int(x) for x in df["segment_id"]})
+            missing = sorted(set(ids) - {int(r[0]) for r in rows})
             self._check_segments(v, missing, what)
-        return sorted(int(x) for x in df["fragment_id"])
+        return sorted(int(r[1]) for r in rows)
 
     # ------------------------------------------------------------ cells
     def cells(self, cell_type: str | Iterable[str] | None = None, min_voxels: float | None = None,
@@ -451,44 +451,45 @@ class Connectome:
         q = Sql(self.backend.dialect)
         base = self._base_sql(q, v, pre=pre, post=post, pre_types=[], post_types=[], bbox=bbox,
                               min_score=min_score, valid_only=valid_only, after=after)
-        rows = self.backend.query_arrow(base, q.params).to_pandas()
-        frags = sorted(set(rows["pre_fragment_id"].tolist()) | set(rows["post_fragment_id"].tolist()))
+        rows = self.backend.query_arrow(base, q.params)
+        pre_f = rows.column("pre_fragment_id").to_numpy()
+        post_f = rows.column("post_fragment_id").to_numpy()
+        frags = np.union1d(pre_f, post_f).tolist()
+        seg: dict[int, int] = {}
+        ctype: dict[int, object] = {}
         if frags:
             q = Sql(self.backend.dialect)
             sys_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else ""
-            lookup = self.backend.query(
-                f"SELECT i.fragment_id, i.segment_id, c.cell_type FROM id_map i LEFT JOIN cell_types c ON "
-                f"c.segment_id = i.segment_id AND {q.visible('c', v)}{sys_filter} "
-                f"WHERE {q.visible('i', v)} AND {q.in_list('i.fragment_id', frags)}", q.params)
-        else:
-            lookup = pd.DataFrame({"fragment_id": [], "segment_id": [], "cell_type": []})
-        seg = dict(zip(lookup["fragment_id"].astype("int64"), lookup["segment_id"].astype("int64")))
-        ctype = dict(zip(lookup["segment_id"].astype("int64"), lookup["cell_type"]))
-        pre_seg = rows["pre_fragment_id"].map(seg).fillna(0).astype("int64")
-        post_seg = rows["post_fragment_id"].map(seg).fillna(0).astype("int64")
-        out = pd.DataFrame({"synapse_id": rows["synapse_id"], "pre_segment_id": pre_seg,
-                            "post_segment_id": post_seg,
-                            "pre_cell_type": pre_seg.map(ctype).astype(object),
-                            "post_cell_type": post_seg.map(ctype).astype(object)})
-        for col in SYNAPSE_COLUMNS[5:]:
-            if col != "valid":
-                out[col] = rows[col]
-        out["valid"] = rows["valid"].astype(bool) & (pre_seg != 0) & (post_seg != 0) & (pre_seg != post_seg)
-        keep = pd.Series(True, index=out.index)
+            for f, sgm, t in self.backend.rows(
+                    f"SELECT i.fragment_id, i.segment_id, c.cell_type FROM id_map i LEFT JOIN cell_types c ON "
+                    f"c.segment_id = i.segment_id AND {q.visible('c', v)}{sys_filter} "
+                    f"WHERE {q.visible('i', v)} AND {q.in_list('i.fragment_id', frags)}", q.params):
+                seg[int(f)] = int(sgm)
+                ctype[int(sgm)] = t
+        pre_seg = np.array([seg.get(int(f), 0) for f in pre_f], dtype=np.int64)
+        post_seg = np.array([seg.get(int(f), 0) for f in post_f], dtype=np.int64)
+        pre_t = np.array([ctype.get(int(x)) for x in pre_seg], dtype=object)
+        post_t = np.array([ctype.get(int(x)) for x in post_seg], dtype=object)
+        valid = (rows.column("valid").to_numpy(zero_copy_only=False).astype(bool) & (pre_seg != 0)
+                 & (post_seg != 0) & (pre_seg != post_seg))
+        keep = np.ones(len(pre_seg), dtype=bool)
         if pre:
-            keep &= out["pre_segment_id"].isin(pre)
+            keep &= np.isin(pre_seg, pre)
         if post:
-            keep &= out["post_segment_id"].isin(post)
+            keep &= np.isin(post_seg, post)
         if pre_types:
-            keep &= out["pre_cell_type"].isin(pre_types)
+            keep &= np.isin(pre_t, pre_types)
         if post_types:
-            keep &= out["post_cell_type"].isin(post_types)
+            keep &= np.isin(post_t, post_types)
         if valid_only:
-            keep &= out["valid"]
-        out = out[keep].sort_values("synapse_id", kind="stable")
-        for col in ("pre_cell_type", "post_cell_type"):
-            out[col] = out[col].where(out[col].notna(), None)
-        return typed(out.reset_index(drop=True))
+            keep &= valid
+        cols = {"synapse_id": rows.column("synapse_id").to_numpy(), "pre_segment_id": pre_seg,
+                "post_segment_id": post_seg, "pre_cell_type": pre_t, "post_cell_type": post_t}
+        for col in SYNAPSE_COLUMNS[5:]:
+            cols[col] = valid if col == "valid" else rows.column(col).to_numpy(zero_copy_only=False)
+        order = np.argsort(cols["synapse_id"][keep], kind="stable")
+        out = pd.DataFrame({k: a[keep][order] for k, a in cols.items()})
+        return typed(out)
 
     def synapses(self, pre=None, post=None, pre_type=None, post_type=None, bbox=None, min_score=None,
                  valid_only: bool = True, *, classification_system: str | None = None, version=None,

@@ -108,6 +108,10 @@ class DuckDBBackend:
     def query(self, sql: str, params: dict | None = None) -> pd.DataFrame:
         return self._cur().execute(sql, params or None).df()
 
+    def rows(self, sql: str, params: dict | None = None) -> list[tuple]:
+        """Small results as tuples (no DataFrame construction)."""
+        return self._cur().execute(sql, params or None).fetchall()
+
     def query_arrow(self, sql: str, params: dict | None = None) -> pa.Table:
         return self._cur().sql(sql, params=params or None).to_arrow_table()
 

@@ -126,6 +126,15 @@ class PostgresBackend:
     def query(self, sql: str, params: dict | None = None) -> pd.DataFrame:
         return self._run(lambda conn: _PgTx(conn).query(sql, params))
 
+    def rows(self, sql: str, params: dict | None = None) -> list[tuple]:
+        """Small results as tuples (no DataFrame construction)."""
+        def run(conn):
+            with conn.cursor() as cur:
+                cur.execute(to_psycopg(sql) if params else sql.replace("%", "%%"), params or None)
+                return cur.fetchall()
+
+        return self._run(run)
+
     def query_arrow(self, sql: str, params: dict | None = None) -> pa.Table:
         return pa.Table.from_pandas(self.query(sql, params), preserve_index=False)
 

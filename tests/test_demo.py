@@ -1,0 +1,47 @@
+"""The demo end to end on a small volume: every stage runs, the store is filled, the summary is scored and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _packaged(path: str) -> bool:
+    return (REPO / path / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _packaged("ffn/models/synthetic_small"), reason="packaged FFN model missing")
+def test_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--size", "32", "128", "128",
+                           "--no-view", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("voi", "arand", "segments", "synapse_f1", "cell_type_accuracy", "seconds", "total_seconds"):
+        assert key in summary, key
+    assert summary["segments"] > 5
+    assert summary["voi"] < 3.0
+    state = json.loads((out / "run" / "run_state.json").read_text())
+    assert set(state["stages"]) == {"segment", "synapses", "skeletonize", "embed", "classify", "publish"}
+
+    from storage import Connectome
+
+    c = Connectome.open(str(out / "run" / "connectome.duckdb"))
+    cells = c.cells()
+    assert len(cells) == summary["segments"]
+    assert cells["cell_type"].notna().any(), "classify should have written cell types"
+    assert (out / "run" / "segmentation" / "info").exists()
+    assert (out / "run" / "synapses" / "info").exists()
+    # a rerun finds every stage finished and changes nothing
+    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--size", "32", "128", "128",
+                            "--no-view", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in again.stdout + again.stderr
+    assert len(Connectome.open(str(out / "run" / "connectome.duckdb")).cells()) == len(cells)
