@@ -266,13 +266,13 @@ def slurm_cluster_kwargs(config: ClusterConfig) -> dict:
         "worker_extra_args": extra_args, "death_timeout": s.death_timeout,
         "python": s.python or sys.executable,
         # jobqueue has no "off": a random port at least never collides with another scheduler's dashboard
-        "dashboard_address": config.dashboard_address if config.dashboard else ":0",
+        "scheduler_options": {"dashboard_address": config.dashboard_address if config.dashboard else ":0"},
     }
     optional = {"queue": s.queue, "account": s.account, "local_directory": s.local_directory,
                 "log_directory": s.log_directory, "interface": s.interface}
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if s.scheduler_host:
-        kwargs["scheduler_options"] = {"host": s.scheduler_host}
+        kwargs["scheduler_options"]["host"] = s.scheduler_host
     return kwargs
 
 
@@ -306,28 +306,3 @@ def _open_kubernetes(config: ClusterConfig) -> Iterator[Client]:
     with open_kube_cluster(config) as cluster, Client(cluster, timeout=config.timeout) as client:
         yield client
 
-
-def add_cluster_arguments(parser) -> None:
-    """`--cluster KIND` and friends, for commands that run stages (they override the config file's section)."""
-    group = parser.add_argument_group("cluster")
-    group.add_argument("--cluster", choices=KINDS, help="where workers run (default: config file, else local)")
-    group.add_argument("--workers", type=int, help="local: worker processes")
-    group.add_argument("--threads-per-worker", type=int, help="threads per worker process")
-    group.add_argument("--gpu-workers", type=int, help="local: how many workers advertise GPU=1")
-    group.add_argument("--scheduler", metavar="ADDRESS", help="address of a running scheduler (implies --cluster address)")
-
-
-def cluster_config_from_args(args, base: ClusterConfig | None = None) -> ClusterConfig:
-    """Apply the command-line overrides of `add_cluster_arguments` to a config (validated again)."""
-    import dataclasses
-
-    config = base or ClusterConfig()
-    changes = {}
-    for arg, name in (("cluster", "kind"), ("workers", "workers"), ("threads_per_worker", "threads_per_worker"),
-                      ("gpu_workers", "gpu_workers"), ("scheduler", "address")):
-        value = getattr(args, arg, None)
-        if value is not None:
-            changes[name] = value
-    if getattr(args, "scheduler", None) and "kind" not in changes:
-        changes["kind"] = "address"
-    return dataclasses.replace(config, **changes) if changes else config

@@ -138,8 +138,10 @@ def _segment(config: RunConfig, client, progress: bool) -> dict:
 def _synapses(config: RunConfig, client, seg_url: str, store_path: str, work: Path, progress: bool) -> dict:
     from pipeline.stages.synapses import run_synapse_stage
 
+    fragments = Path(config.output) / "fragments"
     table = run_synapse_stage(config.input, seg_url, store_path, config.synapses, client,
-                              ledger_dir=str(work / "ledgers"), progress=progress)
+                              ledger_dir=str(work / "ledgers"), progress=progress,
+                              fragments_url=f"precomputed://{fragments}" if (fragments / "info").exists() else None)
     table.to_parquet(work / "synapses.parquet", index=False)
     return {"synapses": int(len(table)), "valid": int(table["valid"].sum()) if len(table) else 0}
 

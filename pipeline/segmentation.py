@@ -235,7 +235,9 @@ def _open_or_create(path: Path, chunk_zyx, shard_zyx, common: dict):
     """Outputs are created once on the driver (workers only write chunks) and reused on resume."""
     url = f"precomputed://{path}"
     if (path / "info").exists():
-        return open_volume(url, mode="r+")
+        # fill_missing as create_volume opens it: the spec (part of each stage's ledger fingerprint) must be the
+        # same on a resumed run, and blocks not yet written are legitimately missing
+        return open_volume(url, mode="r+", fill_missing=True)
     return create_volume(url, chunk_shape_zyx=chunk_zyx, shard_shape_zyx=shard_zyx, **common)
 
 

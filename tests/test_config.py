@@ -152,18 +152,3 @@ def test_junk_files_raise_only_config_error(text):
             except ConfigError:
                 pass
 
-
-def test_command_line_overrides_the_cluster_section():
-    import argparse
-
-    from pipeline.cluster import add_cluster_arguments, cluster_config_from_args
-
-    parser = argparse.ArgumentParser()
-    add_cluster_arguments(parser)
-    base = load_config({"kind": "local", "workers": 4, "threads_per_worker": 2}, ClusterConfig)
-    cfg = cluster_config_from_args(parser.parse_args(["--workers", "3", "--gpu-workers", "1"]), base)
-    assert (cfg.kind, cfg.workers, cfg.threads_per_worker, cfg.gpu_workers) == ("local", 3, 2, 1)
-    cfg = cluster_config_from_args(parser.parse_args(["--scheduler", "tcp://10.0.0.1:8786"]), base)
-    assert cfg.kind == "address" and cfg.address == "tcp://10.0.0.1:8786"
-    with pytest.raises(ConfigError, match="gpu_workers must be between 0 and workers"):
-        cluster_config_from_args(parser.parse_args(["--workers", "1", "--gpu-workers", "2"]), base)

@@ -42,8 +42,12 @@ def _model(model_dir: str):
 
 
 def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.ndarray,
-                    voxel_size_zyx: tuple[float, float, float], radius_nm: float) -> pd.DataFrame:
-    """One row per component: centroid (voxels, zyx), size, score, pre/post segment ids and positions."""
+                    voxel_size_zyx: tuple[float, float, float], radius_nm: float,
+                    fragments: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per component: centroid (voxels, zyx), size, score, pre/post segment ids and positions.
+
+    With `fragments` (the pre-agglomeration supervoxels), each side also gets the fragment of its segment that
+    carries the most of that side's probability, so a later proofreading split re-attributes the synapse."""
     rows = []
     objects = ndi.find_objects(components)
     pad = [int(np.ceil(radius_nm / v)) for v in voxel_size_zyx]
@@ -78,7 +82,18 @@ def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.
             w = weight[mask] + 1e-6
             return (np.argwhere(mask) * w[:, None]).sum(0) / w.sum() + [s.start for s in outer]
 
+        frag_ids = {}
+        if fragments is not None:
+            frag = fragments[outer]
+            for side, seg_id, weight in (("pre", pre_id, pre_p), ("post", post_id, post_p)):
+                mask = cand & (seg == seg_id) & (frag != 0)
+                if seg_id == 0 or not mask.any():
+                    frag_ids[side] = 0
+                    continue
+                f_ids, f_inv = np.unique(frag[mask], return_inverse=True)
+                frag_ids[side] = int(f_ids[np.argmax(np.bincount(f_inv, weights=weight[mask] + 1e-6))])
         rows.append({
+            **({"pre_fragment_id": frag_ids["pre"], "post_fragment_id": frag_ids["post"]} if frag_ids else {}),
             "z": centroid[0], "y": centroid[1], "x": centroid[2],
             "size_voxels": int(comp.sum()),
             "score": float(cleft_p[comp].mean()),
@@ -88,13 +103,14 @@ def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.
     return pd.DataFrame(rows)
 
 
-def detect(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, params: DetectionParams) -> pd.DataFrame:
+def detect(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, params: DetectionParams,
+           fragments: np.ndarray | None = None) -> pd.DataFrame:
     """Components of thresholded cleft probability with their partners (whole arrays; no block logic)."""
     mask = probs[0] >= params.threshold
     components = cc3d.connected_components(mask, connectivity=26)
     components = cc3d.dust(components, threshold=params.min_size, connectivity=26)
     components, _ = _renumber(components)
-    return assign_partners(components, probs, segmentation, voxel_size_zyx, params.partner_radius_nm)
+    return assign_partners(components, probs, segmentation, voxel_size_zyx, params.partner_radius_nm, fragments)
 
 
 def _renumber(labels: np.ndarray):
@@ -104,16 +120,17 @@ def _renumber(labels: np.ndarray):
 
 
 def detect_block(block: Block, *, image_spec: dict, segmentation_spec: dict, model_dir: str, params: dict,
-                 fill_missing: bool = False) -> dict:
+                 fragments_spec: dict | None = None, fill_missing: bool = False) -> dict:
     model, config = _model(model_dir)
     from pipeline.synapse_model import predict
 
     image_vol = open_volume(image_spec, fill_missing=fill_missing)
     image = image_vol.read(block.read)
     segmentation = open_volume(segmentation_spec).read(block.read)
+    fragments = open_volume(fragments_spec).read(block.read) if fragments_spec else None
     probs = predict(model, config, image)
     voxel_size_zyx = tuple(float(v) for v in reversed(image_vol.voxel_size))
-    df = detect(probs, segmentation, voxel_size_zyx, DetectionParams(**params))
+    df = detect(probs, segmentation, voxel_size_zyx, DetectionParams(**params), fragments)
     if df.empty:
         return {"rows": {}}
     origin = np.array(block.read.start)
@@ -175,6 +192,9 @@ def synapse_table(df: pd.DataFrame, voxel_size_xyz) -> pd.DataFrame:
         "size_voxels": df["size_voxels"].astype(np.int64),
         "score": df["score"].astype(np.float32),
     })
+    if "pre_fragment_id" in df.columns:
+        out["pre_fragment_id"] = df["pre_fragment_id"].astype(np.int64).to_numpy()
+        out["post_fragment_id"] = df["post_fragment_id"].astype(np.int64).to_numpy()
     out["valid"] = (out["pre_segment_id"] != 0) & (out["post_segment_id"] != 0) & (
         out["pre_segment_id"] != out["post_segment_id"])
     return out
@@ -184,7 +204,7 @@ def synapse_table(df: pd.DataFrame, voxel_size_xyz) -> pd.DataFrame:
 class SynapseStageConfig:
     """Shapes are Z Y X voxels. `model` is a packaged synapse model name or a model directory."""
 
-    model: str = "synthetic_synapses"
+    model: str = "synapses_small"
     block_shape: tuple[int, int, int] = (64, 128, 128)
     detection: DetectionParams = DetectionParams()
     fill_missing: bool = False
@@ -192,7 +212,7 @@ class SynapseStageConfig:
 
 
 def run_synapse_stage(image_url: str, segmentation_url: str, store_path: str, config: SynapseStageConfig, client,
-                      *, ledger_dir: str, progress: bool = True) -> pd.DataFrame:
+                      *, ledger_dir: str, fragments_url: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Detect synapses blockwise, merge duplicates, write one store version; returns the synapse table."""
     from dataclasses import asdict
 
@@ -214,6 +234,7 @@ def run_synapse_stage(image_url: str, segmentation_url: str, store_path: str, co
     results = run_blockwise("synapses", grid, detect_block, params=dict(
         image_spec=image.spec, segmentation_spec=segmentation.spec, model_dir=model_dir,
         params=asdict(config.detection), fill_missing=config.fill_missing,
+        fragments_spec=open_volume(fragments_url).spec if fragments_url else None,
     ), client=client, ledger_dir=ledger_dir, restart=config.restart, progress=progress)
     frames = [pd.DataFrame(r["rows"]) for _, r in sorted(results.items()) if r["rows"]]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.ndimage as ndi
 from scipy.special import ndtri
 
-from pipeline.synthetic.noise import hash_key, hash_uniform, smooth_noise, white_noise
+from pipeline.synthetic.noise import _mix_arr, hash_key, hash_uniform, smooth_noise, white_noise
 from pipeline.synthetic.params import SynthParams
 from pipeline.synthetic.synapses import Synapse
 
@@ -67,10 +67,10 @@ def render(params: SynthParams, start, shape, labels: np.ndarray, mitos, ves_pos
     coarse = smooth_noise(seed, K_COARSE, tstart, tshape, tuple(max(0.3, 45.0 / v) for v in vs), coarse_step)
     img += np.float32(params.texture_amplitude) * (0.55 * fine + 0.55 * coarse) * np.where(cell, 1.0, 0.5).astype(np.float32)
     # a faint per-segment tone (same spread for every cell type: types differ by shape, not brightness)
-    ids, inv = np.unique(labels, return_inverse=True)
-    tone = np.array([(hash_key(seed, K_SEGTONE, int(i)) >> 40) / 2.0 ** 24 - 0.5 for i in ids], np.float32) * 14.0
-    tone[ids == 0] = 0
-    img += tone[inv.reshape(tshape)]
+    with np.errstate(over="ignore"):
+        h = _mix_arr(labels ^ np.uint64(hash_key(seed, K_SEGTONE)))
+    tone = ((h >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24)) - np.float32(0.5)) * np.float32(14.0)
+    img += np.where(cell, tone, np.float32(0.0))
     zz, yy, xx = (np.arange(a, a + n, dtype=np.int64) for a, n in zip(tstart, tshape))
     grain = hash_uniform(seed, K_GRAIN, zz[:, None, None], yy[None, :, None], xx[None, None, :])
     img[(grain > 0.9965) & cell] -= 55.0

@@ -1,0 +1,116 @@
+"""Synapse detection: targets, partner assignment, duplicate merging, CREMI-style scores, model save/load,
+training resume, and the packaged detector on held-out synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.stages.synapses import DetectionParams, assign_partners, detect, merge_duplicates, synapse_table
+from pipeline.synapse_metrics import detection_scores, match_synapses, overlap_id_map
+from pipeline.synapse_training import TrainingVolume, isbi_stack, polarity_targets, train
+
+VOXEL = (40.0, 8.0, 8.0)  # zyx nm
+
+
+def _two_cells():
+    """Segment 1 (left) presynaptic, segment 2 (right) postsynaptic, a cleft on their shared face."""
+    seg = np.zeros((5, 20, 20), np.uint64)
+    seg[:, :, :10] = 1
+    seg[:, :, 10:] = 2
+    clefts = np.zeros(seg.shape, np.uint64)
+    clefts[1:4, 8:12, 9:11] = 77
+    return seg, clefts
+
+
+def test_polarity_targets_mark_each_side():
+    seg, clefts = _two_cells()
+    cleft, pre, post = polarity_targets(seg, clefts, {77: 1}, {77: 2}, (1.0, 3.0, 3.0))
+    assert cleft.sum() == (clefts > 0).sum()
+    assert pre.any() and post.any()
+    assert (seg[pre > 0] == 1).all() and (seg[post > 0] == 2).all()
+    far = np.zeros_like(pre, bool)
+    far[:, :, :4] = True
+    assert not pre[far].any(), "targets stay within the radius of the cleft"
+
+
+def test_partner_assignment_follows_polarity_and_fragments():
+    seg, clefts = _two_cells()
+    probs = np.zeros((3,) + seg.shape, np.float32)
+    probs[0][clefts > 0] = 0.9
+    probs[1][:, 6:14, 6:10] = 0.8   # presynaptic side in segment 1
+    probs[2][:, 6:14, 10:14] = 0.8  # postsynaptic side in segment 2
+    fragments = np.where(seg == 1, 11, 21).astype(np.uint64)
+    fragments[:, :, 15:] = 22
+    df = detect(probs, seg, VOXEL, DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40), fragments)
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert (row.pre_segment_id, row.post_segment_id) == (1, 2)
+    assert (row.pre_fragment_id, row.post_fragment_id) == (11, 21)
+    # swapping polarity swaps partners
+    swapped = probs[[0, 2, 1]]
+    row = detect(swapped, seg, VOXEL, DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40)).iloc[0]
+    assert (row.pre_segment_id, row.post_segment_id) == (2, 1)
+
+
+def test_merge_duplicates_and_validity():
+    df = pd.DataFrame({
+        "z": [1.0, 1.0, 3.0], "y": [5.0, 7.0, 30.0], "x": [5.0, 5.0, 30.0],
+        "size_voxels": [10, 30, 12], "score": [0.9, 0.8, 0.7],
+        "pre_segment_id": [1, 1, 4], "post_segment_id": [2, 2, 4],
+        "pre_zyx": [[1, 5, 4]] * 3, "post_zyx": [[1, 5, 6]] * 3,
+    })
+    merged = merge_duplicates(df, VOXEL, distance_nm=50.0)
+    assert len(merged) == 2
+    assert merged.iloc[0].size_voxels == 40  # sizes summed into the kept (largest) detection
+    table = synapse_table(merged, (8.0, 8.0, 40.0))
+    assert table["synapse_id"].tolist() == [1, 2]
+    assert table["valid"].tolist() == [True, False]  # 4 -> 4 is an autapse: kept but invalid
+    assert table.loc[0, "x_nm"] == round((5 + 0.5) * 8)
+
+
+def test_detection_scores_one_to_one():
+    true = pd.DataFrame({"x_nm": [0, 1000], "y_nm": [0, 0], "z_nm": [0, 0],
+                         "pre_segment_id": [1, 3], "post_segment_id": [2, 4]})
+    pred = pd.DataFrame({"x_nm": [10, 20, 5000], "y_nm": [0, 0, 0], "z_nm": [0, 0, 0],
+                         "pre_segment_id": [1, 1, 9], "post_segment_id": [2, 2, 9]})
+    assert match_synapses(pred[["x_nm", "y_nm", "z_nm"]].to_numpy(), true[["x_nm", "y_nm", "z_nm"]].to_numpy(),
+                          100.0) == [(0, 0)]
+    s = detection_scores(pred, true, 100.0)
+    assert s["precision"] == round(1 / 3, 4) and s["recall"] == 0.5 and s["partner_accuracy"] == 1.0
+    seg = np.array([[5, 5, 6]], np.uint64)
+    gt = np.array([[1, 1, 2]], np.uint64)
+    assert overlap_id_map(seg, gt) == {5: 1, 6: 2}
+
+
+def test_model_save_load_and_training_resume(tmp_path):
+    from pipeline.synapse_model import SynapseModelConfig, load_model, predict
+
+    seg, clefts = _two_cells()
+    rng = np.random.default_rng(0)
+    image = rng.integers(100, 200, seg.shape).astype(np.uint8)
+    image[clefts > 0] = 30
+    cleft, pre, post = polarity_targets(seg, clefts, {77: 1}, {77: 2}, (1.0, 3.0, 3.0))
+    vol = TrainingVolume(image, cleft, pre, post)
+    config = SynapseModelConfig(features=4, dilations=(1, 2), z_dilations=(1, 1), z_kernel=(3, 3))
+    out = train([vol], config, tmp_path / "t", steps=4, batch_size=2, patch_shape=(5, 16, 16), checkpoint_every=2,
+                log_every=2)
+    log = pd.read_csv(tmp_path / "t" / "train_log.csv")
+    assert log["step"].tolist() == [2, 4]
+    model, loaded = load_model(out)
+    assert loaded == config
+    p1 = predict(model, loaded, image)
+    model2, _ = load_model(out)
+    np.testing.assert_array_equal(p1, predict(model2, loaded, image))
+    assert p1.shape == (3,) + image.shape
+    # resume: a later call with more steps continues from the checkpoint, not from step 0
+    train([vol], config, tmp_path / "t", steps=6, batch_size=2, patch_shape=(5, 16, 16), checkpoint_every=2,
+          log_every=2)
+    assert pd.read_csv(tmp_path / "t" / "train_log.csv")["step"].tolist() == [2, 4, 6]
+
+
+def test_isbi_sections_load(shared_data):
+    raw, cleft = isbi_stack(shared_data / "isbi2012_vnc_sstem", range(24, 26))
+    assert raw.shape == (2, 256, 256) and raw.dtype == np.uint8
+    assert 0 < cleft.mean() < 0.2
