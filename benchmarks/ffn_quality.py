@@ -9,7 +9,7 @@ google/ffn checkpoint, and the baseline of ``pipeline.baseline`` (smoothed-inten
 several chosen on training data: medulla z 0-119 / a synthetic volume with the training seed). Scores from
 ``pipeline.metrics``: VOI split/merge (bits, lower is better), adapted Rand error, segment counts.
 
-Usage: python benchmarks/ffn_quality.py [--xy 160] [--synthetic-shape 48,128,128] [--skip-fib25] [--threads 2]
+Usage: python benchmarks/ffn_quality.py [--xy 160] [--synthetic-shape 48,96,96] [--skip-fib25] [--threads 2]
        [--cache-dir DIR]   (segmentations keyed by model weights + data; a rerun recomputes only what changed)
 Last stdout line: {"medulla_val": {"ffn": {"voi", "voi_split", "voi_merge", "arand", "segments"}, "fib25": {...},
 "baseline": {...}}, "synthetic": {same}}.
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--xy", type=int, default=160,
                    help="medulla: the first XY x XY voxels of each section (250 = whole sections; 160 keeps the "
                         "FIB-25 run to minutes on 2 cores)")
-    p.add_argument("--synthetic-shape", default="48,128,128", help="held-out synthetic volume, Z,Y,X voxels")
+    p.add_argument("--synthetic-shape", default="48,96,96", help="held-out synthetic volume, Z,Y,X voxels")
     p.add_argument("--parts", default="medulla_val,synthetic", help="which data sets to score")
     p.add_argument("--methods", default="ffn,fib25,baseline", help="which methods to run")
     p.add_argument("--skip-fib25", action="store_true", help="leave out the (slow) FIB-25 model")

@@ -69,7 +69,11 @@ class SegmentConfig:
 
     def validate(self) -> None:
         if self.chunk_shape is None:
-            self.chunk_shape = tuple(min(int(b), c) for b, c in zip(self.block_shape, DEFAULT_CHUNK))
+            # the same power-of-two number of chunks per axis in a shard: always a Morton-aligned precomputed shard
+            # (e.g. block 64^3 with chunks (32, 64, 64) is not one)
+            ratio = min(max(1, int(b) // c) for b, c in zip(self.block_shape, DEFAULT_CHUNK))
+            ratio = 1 << (ratio.bit_length() - 1)
+            self.chunk_shape = tuple(max(1, int(b) // ratio) for b in self.block_shape)
         if not self.input:
             raise ConfigError("segment config: field 'input' is required (a volume URL or path)")
         if not self.output:

@@ -97,3 +97,92 @@ def test_agglomeration_merges_bright_contacts_only():
                            "segment_id": np.array([1, 2, 3], np.uint64)})
     out = agglomerated_lookup(lookup, merges)
     assert out.segment_id.tolist() == [1, 1, 2]
+
+
+def test_relative_rule_merges_on_contact_as_bright_as_interiors():
+    # same layout, but the whole image is darker: an absolute threshold would merge nothing, the ratio rule still
+    # finds the bright (cytoplasm-like) contact and keeps the membrane
+    from pipeline.stages.agglomerate import score_edges, segment_intensity
+
+    labels = np.zeros((1, 6, 9), np.uint64)
+    labels[0, :, 0:3] = 1
+    labels[0, :, 4:6] = 2
+    labels[0, :, 7:9] = 3
+    image = np.full(labels.shape, 90, np.uint8)
+    image[0, :, 6] = 30
+    grown = expand_labels(labels, 1)
+    edges = contact_edges(grown, image, (slice(None),) * 3)
+    segments = segment_intensity(labels, image)
+    assert segments.set_index("segment_id").loc[1, "voxels"] == 18
+    scored = score_edges(edges, segments)
+    assert merge_decisions(scored, AgglomerationParams(expand_voxels=1, min_intensity=150, min_contact=3)).empty
+    merges = merge_decisions(scored, AgglomerationParams(expand_voxels=1, min_contact=3, min_ratio=0.9))
+    assert merges[["a", "b"]].to_numpy().tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="min_ratio"):
+        merge_decisions(edges, AgglomerationParams(min_ratio=0.9))
+
+
+def test_match_box_is_the_central_slab_around_the_face():
+    from pipeline.stages.reconcile import match_box
+    from storage.box import Box, BlockGrid
+
+    grid = BlockGrid(Box.from_shape((32, 64, 64)), (16, 32, 32), (8, 16, 16))
+    a, b = grid.block(0), grid.block(grid.block_id((0, 0, 1)))
+    whole = match_box(a, b, grid.halo, 1.0)
+    assert whole == a.read.intersect(b.read) and whole.start[2] == 16 and whole.stop[2] == 48
+    central = match_box(b, a, grid.halo, 0.5)  # order of the pair does not matter
+    assert central.start[2] == 24 and central.stop[2] == 40 and central.start[:2] == whole.start[:2]
+    assert match_box(a, b, grid.halo, 0.01).shape[2] == 2  # never empty
+
+
+def test_block_seeds_agree_with_the_whole_volume_inside_blocks():
+    # seeds from a block's read box + context equal the whole-volume seeds there (position-based tie-breaking);
+    # without context the block's seeds differ (edge threshold and distance transform see the crop)
+    from pipeline.stages.segment import block_seeds, global_peak_coords
+    from storage.box import Box, BlockGrid
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((24, 128, 128)) * 40 + 100).astype(np.uint8)
+    img[:, ::12, :] = 20
+    img[:, :, ::12] = 20
+
+    class Vol:
+        bounds = Box.from_shape(img.shape)
+
+        @staticmethod
+        def read(box):
+            return img[box.slices]
+
+    whole = {tuple(int(v) for v in c) for c in global_peak_coords(img, Vol.bounds)}
+    grid = BlockGrid(Vol.bounds, (24, 32, 32), (0, 8, 8))
+    block = grid.block(grid.block_id((0, 1, 1)))
+    allowed = block.write.grow((0, 4, 4)).intersect(block.read.grow((-2, -4, -4)))
+    expect = {c for c in whole if allowed.contains_point(c)}
+
+    def seeds(context):
+        s = block_seeds(Vol, block, context=(0, context, context), reach=(0, 4, 4), margin=(2, 4, 4))
+        assert list(s.coords) == sorted(s.coords)
+        return {tuple(int(v) for v in np.add(c, block.read.start)) for c in s.coords}
+
+    assert not block.read.grow((0, 16, 16)).contains(Vol.bounds)  # the context is a real crop
+    assert len(expect) > 10 and seeds(16) == expect
+    assert seeds(0) != expect
+
+
+def test_lookup_digest_follows_table_content():
+    from pipeline.segmentation import lookup_digest
+
+    t = pd.DataFrame({"fragment_id": np.array([1, 2], np.uint64), "segment_id": np.array([1, 2], np.uint64)})
+    same = lookup_digest(t.copy())
+    t2 = t.assign(segment_id=np.array([1, 1], np.uint64))
+    assert lookup_digest(t) == same and lookup_digest(t2) != same
+
+
+def test_default_chunks_make_morton_aligned_shards():
+    from pipeline.segmentation import SegmentConfig
+
+    for block in [(64, 64, 64), (16, 64, 64), (64, 128, 128), (32, 128, 128)]:
+        c = SegmentConfig(input="in", output="out", block_shape=block)
+        c.validate()
+        ratios = {b // ch for b, ch in zip(block, c.chunk_shape)}
+        assert len(ratios) == 1, (block, c.chunk_shape)

@@ -247,7 +247,8 @@ class Trainer:
         meta = dict(self.ffn_config.metadata)
         meta["training"] = {"steps": self.step, "examples": self.examples, "batch_size": self.config.batch_size,
                             "wall_s": round(self.elapsed_s, 1), "scalars": self.last_scalars,
-                            "volumes": [str(v.name or v.image) for v in self.config.volumes]}
+                            "volumes": [str(v.name or v.image) for v in self.config.volumes],
+                            "init_from": self.config.init_from}
         cfg = FFNConfig.from_json_dict({**self.ffn_config.to_json_dict(), "metadata": meta})
         return save_model(self.model, cfg, directory)
 

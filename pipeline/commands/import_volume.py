@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxel size in nm")
     parser.add_argument("--offset", type=int, nargs=3, default=(0, 0, 0), metavar=("X", "Y", "Z"),
                         help="voxel offset of the volume (default 0 0 0)")
+    parser.add_argument("--box", type=int, nargs=6, default=None, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                        help="import only this box of SRC (voxels, XYZ start then stop); combine with --offset X0 Y0 Z0 "
+                             "to keep the source's coordinates")
     parser.add_argument("--chunk", type=int, nargs=3, default=(64, 64, 64), metavar=("X", "Y", "Z"),
                         help="chunk shape in voxels (default 64 64 64)")
     parser.add_argument("--shard", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
@@ -27,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from storage.box import Box
     from storage.importers import import_volume
 
     vol = import_volume(
@@ -34,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_shape_zyx=tuple(reversed(args.chunk)),
         shard_shape_zyx=tuple(reversed(args.shard)) if args.shard else None,
         kind=args.kind, dtype=args.dtype, delete_existing=args.overwrite,
+        crop=Box.from_xyz(args.box[:3], args.box[3:]) if args.box else None,
     )
     shape_xyz = list(reversed(vol.shape))
     print(f"imported {args.src} -> {vol.url}: {shape_xyz[0]}x{shape_xyz[1]}x{shape_xyz[2]} (xyz) {vol.dtype} "
