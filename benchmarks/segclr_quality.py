@@ -186,7 +186,7 @@ def probe_f1(x, y, train_mask, n_per_class, draws, rng, shuffle=False) -> tuple[
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="segclr_synth_small", help="trained SegCLR model (name or folder)")
-    ap.add_argument("--seeds", default="101,102", help="synthetic seeds of the evaluation volumes (never trained on)")
+    ap.add_argument("--seeds", default="101,102,103,104", help="synthetic seeds of the evaluation volumes (never trained on)")
     ap.add_argument("--shape-xyz", default="512,512,96", help="size of each eval volume (scale-0 voxels, XYZ)")
     ap.add_argument("--cache-dir", default=None, help="keep generated eval volumes here (.npz) for reruns")
     ap.add_argument("--spacing-nm", type=float, default=400.0)

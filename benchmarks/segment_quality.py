@@ -115,7 +115,8 @@ def sweep(out: Path, shape, gt, grid) -> list[dict]:
     edges = pq.read_table(edges_path).to_pandas() if edges_path.exists() else pd.DataFrame()
     order = np.argsort(rec["fragment_id"].to_numpy(np.uint64))
     frag_ids = rec["fragment_id"].to_numpy(np.uint64)[order]
-    rows = []
+    rows = [{"params": "agglomeration off", "merges": 0,
+             **scores(apply_lookup(frags, frag_ids, rec["segment_id"].to_numpy(np.uint64)[order]), gt)}]
     for params in grid:
         decisions = merge_decisions(edges, params) if len(edges) else pd.DataFrame(columns=["a", "b"])
         lut = agglomerated_lookup(rec, decisions)

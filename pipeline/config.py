@@ -54,8 +54,8 @@ def read_config_file(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
@@ -92,7 +92,7 @@ def _describe(value: Any) -> str:
 
 
 def _field_name(path: str) -> str:
-    return f"field '{path}'" if path else "the top level"
+    return f"field {path!r}" if path else "the top level"  # repr: a key with a newline stays on one line
 
 
 def _type_name(tp: Any) -> str:
@@ -217,7 +217,7 @@ def _convert_dataclass(value: Any, cls: type, path: str, source: str) -> Any:
                 close = difflib.get_close_matches(key, list(fields), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
             known = ", ".join(fields)
-            raise ConfigError(f"unknown field '{full}' in {source}{hint}; known fields here: {known}")
+            raise ConfigError(f"unknown field {full!r} in {source}{hint}; known fields here: {known}")
     kwargs = {}
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name

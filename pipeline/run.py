@@ -30,7 +30,7 @@ class SkeletonizeConfig:
 
 @dataclass
 class EmbedConfig:
-    model: str = "synthetic_small"
+    model: str = "segclr_synth_small"
     spacing_nm: float = 500.0
     batch_size: int = 32
 
@@ -172,12 +172,17 @@ def _classify(config: RunConfig, store_path: str, work: Path) -> dict:
                         compartment_model=_classifier(config.classify.compartment_model), store=_store(store_path))
 
 
-def _classifier(name: str | None):
+def _classifier(name: str | None) -> Path | None:
+    """A classifier folder: a path, or a name packaged under segclr/models/."""
     if not name:
         return None
-    from segclr.classifiers import resolve_classifier
+    from segclr.encoder import MODELS_DIR
+    from storage.errors import ConnectomeError
 
-    return resolve_classifier(name)
+    for candidate in (Path(name), Path(MODELS_DIR) / name):
+        if candidate.is_dir():
+            return candidate
+    raise ConnectomeError(f"classifier {name!r} not found (neither a folder nor a model in {MODELS_DIR})")
 
 
 def _publish(config: RunConfig, out: Path, store_path: str, work: Path) -> dict:

@@ -35,6 +35,22 @@ class BlockFailed(ConnectomeError):
     """A block raised a ConnectomeError (bad input) or kept killing its workers; names the stage and block."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _BadInput:
+    """A block function's ConnectomeError, returned by the worker instead of raised: bad input is deterministic,
+    so Dask should neither retry it nor log a worker traceback for it; the driver turns it into BlockFailed."""
+
+    message: str
+
+
+def _guarded(block_fn: Callable[..., Any], block) -> Any:
+    """Runs on a worker around every block (module level, so workers find it by name)."""
+    try:
+        return block_fn(block)
+    except ConnectomeError as exc:
+        return _BadInput(str(exc))
+
+
 def jsonable(value: Any) -> Any:
     """Canonical JSON form of block parameters, for fingerprints (volumes by spec, arrays by value)."""
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -188,7 +204,7 @@ def run_blockwise(
         _check_importable_on_workers(client, block_fn, stage)
         window = max(1, int(max_in_flight or _default_window(client)))
         chunk = max(1, int(chunk_size or min(1000, max(1, window // 4))))
-        fn = functools.partial(block_fn, **params) if params else block_fn
+        fn = functools.partial(_guarded, functools.partial(block_fn, **params) if params else block_fn)
         stream = _BlockStream(client, stage, grid, fn, key_prefix, _iter_ids(ledger), window=window, chunk=chunk,
                               retries=retries, resources=resources)
         try:
@@ -197,6 +213,8 @@ def run_blockwise(
                 ids, values = stream.collect(collect_seconds)
                 ledger.add(ids, values)
                 report.update(len(ids))
+                if stream.failure is not None:
+                    raise BlockFailed(stream.failure)
                 stream.submit_more()
         except BaseException:
             stream.cancel_all()
@@ -225,6 +243,7 @@ class _BlockStream:
         self.again: list[int] = []  # lost blocks to resubmit first
         self.resubmits: dict[int, int] = {}
         self.futures = as_completed(loop=client.loop)
+        self.failure: str | None = None  # the first block that reported bad input (ConnectomeError)
 
     def submit_more(self) -> None:
         while len(self.pending) < self.window:
@@ -261,6 +280,14 @@ class _BlockStream:
         ids = [self.pending.pop(f.key) for f in finished]
         for f in finished:
             del self.live[f.key]
+        bad = [i for i, v in enumerate(values) if isinstance(v, _BadInput)]
+        if bad:
+            if self.failure is None:
+                block_id = ids[bad[0]]
+                self.failure = (f"stage '{self.stage}' block {block_id} {self.grid.block(block_id).write}: "
+                                f"{values[bad[0]].message}")
+            keep = [i for i in range(len(ids)) if i not in set(bad)]
+            ids, values = [ids[i] for i in keep], [values[i] for i in keep]
         if lost:
             self._requeue(lost)
         return ids, values

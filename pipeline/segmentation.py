@@ -23,7 +23,7 @@ What this cannot fix is an FFN whose objects depend on where flooding starts: me
 forward vs reverse seed order already differ by VOI 2.6 (ARAND 0.36), and a crop vs the full volume by
 VOI 2.4 on the crop's write box, so 1-block vs 2x2x2 blocks differs by VOI ~1.5 (ARAND ~0.38). The blockwise
 machinery adds little on top of that; the invariance target (VOI <= 0.05) needs a model whose floods are stable.
-
+"""
 
 from __future__ import annotations
 

@@ -367,7 +367,7 @@ def open_volume(url_or_spec: str | dict | Volume, *, mode: str = "r", fill_missi
     if isinstance(url_or_spec, dict):
         spec = dict(url_or_spec)
         driver = spec.get("driver")
-        fmt = _FORMAT_NAMES.get(driver or "")
+        fmt = _FORMAT_NAMES.get(driver) if isinstance(driver, str) else None
         if fmt is None:
             raise VolumeError(f"TensorStore spec driver {driver!r} is not a volume format ({', '.join(FORMATS)})")
         kv = spec.get("kvstore")

@@ -115,11 +115,15 @@ def test_relative_rule_merges_on_contact_as_bright_as_interiors():
     segments = segment_intensity(labels, image)
     assert segments.set_index("segment_id").loc[1, "voxels"] == 18
     scored = score_edges(edges, segments)
-    assert merge_decisions(scored, AgglomerationParams(expand_voxels=1, min_intensity=150, min_contact=3)).empty
+    absolute = AgglomerationParams(expand_voxels=1, min_intensity=150, min_contact=3, min_ratio=None)
+    assert merge_decisions(scored, absolute).empty
     merges = merge_decisions(scored, AgglomerationParams(expand_voxels=1, min_contact=3, min_ratio=0.9))
     assert merges[["a", "b"]].to_numpy().tolist() == [[1, 2]]
-    with pytest.raises(ValueError, match="min_ratio"):
-        merge_decisions(edges, AgglomerationParams(min_ratio=0.9))
+    # the default rule is the relative one
+    merges = merge_decisions(edges, AgglomerationParams(min_contact=3), segments)
+    assert merges[["a", "b"]].to_numpy().tolist() == [[1, 2]]
+    # without segment intensities the absolute threshold decides
+    assert merge_decisions(edges, AgglomerationParams(min_contact=3, min_ratio=0.9)).empty
 
 
 def test_match_box_is_the_central_slab_around_the_face():

@@ -36,6 +36,7 @@ class MeshOptions:
     reduction_factor: int = 10
     max_error_nm: float | None = None
     min_voxels: int = 0  # skip tiny pieces (segments with fewer voxels in this block)
+    close: bool = False  # close surfaces cut by the array's border (right at dataset edges, wrong at block faces)
 
 
 def mesh_labels(
@@ -56,7 +57,8 @@ def mesh_labels(
         if small.size:
             labels = np.where(np.isin(labels, small), 0, labels)
     mesher = zmesh.Mesher(tuple(float(v) for v in voxel_size_xyz_nm))
-    mesher.mesh(np.asfortranarray(labels.T))  # zmesh works in XYZ; .T of a C-order ZYX array is F-order XYZ
+    # zmesh works in XYZ; .T of a C-order ZYX array is F-order XYZ
+    mesher.mesh(np.asfortranarray(labels.T), close=bool(options.close))
     wanted = set(int(i) for i in ids) if ids is not None else None
     shift = np.asarray(voxel_offset_xyz, dtype=np.float64) * np.asarray(voxel_size_xyz_nm, dtype=np.float64)
     meshes: dict[int, zmesh.Mesh] = {}

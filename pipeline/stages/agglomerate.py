@@ -33,8 +33,8 @@ class AgglomerationParams:
 
     expand_voxels: int = 3
     min_intensity: float = 150.0
-    min_contact: int = 30
-    min_ratio: float | None = None
+    min_contact: int = 100
+    min_ratio: float | None = 1.0
 
 
 def expand_labels(labels: np.ndarray, distance: int) -> np.ndarray:
@@ -118,15 +118,14 @@ def score_edges(edges: pd.DataFrame, segments: pd.DataFrame | None = None) -> pd
 
 def merge_decisions(edges: pd.DataFrame, params: AgglomerationParams,
                     segments: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Sum per-block edges and keep the pairs to merge: contact >= min_contact and the contact bright enough
-    (absolute `min_intensity`, or relative `min_ratio` when set; that needs `segments`)."""
+    """Sum per-block edges and keep the pairs to merge: contact >= min_contact and the contact bright enough:
+    relative `min_ratio` when set and segment intensities are known (`segments`, or a scored table), else the
+    absolute `min_intensity`."""
     if edges.empty:
         return edges.assign(mean_intensity=[])
     total = edges if "mean_intensity" in edges else score_edges(edges, segments)
     keep = total["contact"] >= params.min_contact
-    if params.min_ratio is not None:
-        if "ratio" not in total:
-            raise ValueError("agglomeration: min_ratio needs per-segment intensities (segments)")
+    if params.min_ratio is not None and "ratio" in total:
         keep &= total["ratio"] >= params.min_ratio
     else:
         keep &= total["mean_intensity"] >= params.min_intensity

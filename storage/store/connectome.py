@@ -110,7 +110,13 @@ def _as_ids(value, what: str) -> list[int]:
 def _as_number(value, what: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)) or value != value:
         raise QueryError(f"{what} must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = float("inf")
+    if number in (float("inf"), float("-inf")):
+        raise QueryError(f"{what} must be a finite number, got {value!r}")
+    return number
 
 
 def _as_texts(value, what: str) -> list[str]:
