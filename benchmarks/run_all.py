@@ -38,21 +38,22 @@ FFN_REFERENCE = {"ms_per_step": 105.7, "voxels_per_s": 6894.0}  # google/ffn, FI
 
 # name -> (arguments at CI scale, timeout seconds). Order: cheap and independent first.
 BENCHMARKS: dict[str, tuple[list[str], int]] = {
+    # the side-by-side comparisons first, then throughput/scaling, then the (slow) quality benchmarks
     "query_speed": (["--cells", "5000", "--synapses", "200000", "--batch", "100000", "--reps", "20",
                      "--conn-reps", "2", "--threads", "2"], 900),
     "mesh_downsample_vs_igneous": (["--shape", "64", "128", "128"], 900),
+    "ffn_speed": (["--size", "48", "--batches", "1,4", "--fib25-batches", "1", "--precisions", "float32",
+                   "--threads", "2"], 1500),
+    "demo_time": ([], 2400),  # the default demo size: the 10-minute target is for it
+    "segment_scaling": (["--size", "64"], 1500),
     "io_throughput": (["--size-mb", "64", "--shard", "128", "--chunk", "64", "--rounds", "2"], 600),
     "blockwise_overhead": (["--blocks", "300", "--repeats", "2"], 600),
     "scheduler_scale": (["--blocks", "3000", "--ledger-blocks", "100000"], 900),
     "synthetic_rate": (["--shape", "32", "128", "128"], 600),
-    "ffn_speed": (["--size", "48", "--batches", "1,4", "--fib25-batches", "1", "--precisions", "float32",
-                   "--threads", "2"], 1500),
-    "segment_scaling": (["--size", "64"], 1500),
+    "synapse_quality": (["--seeds", "201", "--shape", "32", "96", "96"], 1200),
     "ffn_quality": (["--xy", "64", "--synthetic-shape", "32,64,64", "--threads", "2"], 1800),
     "segment_quality": (["--xy", "64", "--seeds", "11"], 1800),
-    "synapse_quality": (["--seeds", "201", "--shape", "32", "96", "96"], 1200),
     "segclr_quality": (["--seeds", "101,102", "--shape-xyz", "192,192,48", "--draws", "3"], 1800),
-    "demo_time": ([], 2400),  # the default demo size: the 10-minute target is for it
 }
 NOT_BENCHMARKS = {"run_all", "segclr_data"}  # segclr_data generates training volumes; it measures nothing
 
@@ -220,11 +221,7 @@ def headline(results: dict[str, dict]) -> list[str]:
                         f"{m['downsample']['ours_s']:.3f} s | n/a | igneous: {m.get('igneous')} |")
     f = _get(results.get("ffn_speed"), "result")
     if f:
-        flat = flatten(f)
-        ms = next((v for k, v in flat.items() if k.endswith("ms_per_step") and "fib25" in k.lower()
-                   and isinstance(v, (int, float))), None) or f.get("ms_per_step")
-        vps = next((v for k, v in flat.items() if k.endswith("voxels_per_s") and "fib25" in k.lower()
-                    and isinstance(v, (int, float))), None) or f.get("voxels_per_s")
+        ms, vps = f.get("ms_per_step"), f.get("voxels_per_s")  # top level = the FIB-25 model, float32, batch 1
         if isinstance(ms, (int, float)) or isinstance(vps, (int, float)):
             parts, ratio = [], []
             if isinstance(ms, (int, float)):

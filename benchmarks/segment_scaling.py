@@ -8,9 +8,10 @@ Peak memory per worker = the highest RSS of any worker process, sampled every 0.
 workers (client.run) from a side thread.
 
 Targets (issue 4): speed-up 1 -> 2 workers >= 1.7, reconcile + relabel <= 10 % of the total.
-The default size finishes in a few minutes on the shared 2-core machine; `--size 256` is the issue's 256^3.
-Load from other processes on the machine slows both runs; the load average before/after is printed so a reader
-can judge the speed-up.
+The default size finishes in a few minutes on an idle 2-core machine; `--size 256` is the issue's 256^3.
+Load from other processes on the machine slows the runs unevenly; the runs of the two configurations are
+interleaved (`--repeats`, order alternated) and the medians compared, and the load average is recorded per run
+so a reader can judge the speed-up.
 
     python benchmarks/segment_scaling.py [--size 128] [--block 64 64 64] [--overlap 8 16 16] [--model synthetic_small]
 
@@ -125,6 +126,7 @@ def main() -> int:
     parser.add_argument("--overlap", nargs=3, type=int, default=[8, 16, 16], metavar=("Z", "Y", "X"))
     parser.add_argument("--model", default="synthetic_small")
     parser.add_argument("--workdir", default=None, help="where volumes and runs go (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, order alternated; median")
     args = parser.parse_args()
     block = args.block or [min(128, args.size // 2)] * 3
     shape = (args.size,) * 3
@@ -135,14 +137,20 @@ def main() -> int:
         url = write_synthetic(root, shape)
         print(f"synthetic {shape} (zyx) seed {SEED}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         load_before = os.getloadavg()
-        runs = {}
-        for workers in (1, 2):
-            r = run_once(workers, url, root / f"run{workers}", args.model, block, args.overlap)
-            runs[workers] = r
-            print(f"{workers} worker(s): {r['wall_s']:8.1f} s  {r['voxels_per_s']:9.0f} vox/s  peak "
-                  f"{r['peak_worker_mb']:7.0f} MB/worker  stages {r['stage_seconds']}", file=sys.stderr)
+        all_runs: dict[int, list[dict]] = {1: [], 2: []}
+        for rep in range(args.repeats):
+            # alternate the order (1,2), (2,1), ... so that a change in the machine's load hits both alike
+            for workers in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                r = run_once(workers, url, root / f"run{workers}-{rep}", args.model, block, args.overlap)
+                r["loadavg_1min"] = round(os.getloadavg()[0], 2)
+                all_runs[workers].append(r)
+                print(f"{workers} worker(s): {r['wall_s']:8.1f} s  {r['voxels_per_s']:9.0f} vox/s  peak "
+                      f"{r['peak_worker_mb']:7.0f} MB/worker  load {r['loadavg_1min']}  stages {r['stage_seconds']}",
+                      file=sys.stderr)
         load_after = os.getloadavg()
 
+    # the median run (by wall time) of each configuration
+    runs = {w: sorted(rs, key=lambda r: r["wall_s"])[(len(rs) - 1) // 2] for w, rs in all_runs.items()}
     one, two = runs[1], runs[2]
     print(f"{'stage':<12} {'1 worker s':>11} {'2 workers s':>12}")
     for stage in two["stage_seconds"]:
@@ -160,7 +168,9 @@ def main() -> int:
         "stage_seconds_1_worker": one["stage_seconds"], "stage_seconds_2_workers": two["stage_seconds"],
         "blocks": two["blocks"], "segments_2_workers": two["segments"], "segments_1_worker": one["segments"],
         "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in load_after],
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "repeats": args.repeats,
+        "wall_s_all_runs": {str(w): [r["wall_s"] for r in rs] for w, rs in all_runs.items()},
+        "loadavg_during_runs": {str(w): [r["loadavg_1min"] for r in rs] for w, rs in all_runs.items()},
     }
     print(json.dumps(result))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_corrupt_input_chunk_names_block_volume_and_key(inputs, tmp_path):
     (raw / "0" / CHUNK_KEY).write_bytes(b"not a chunk at all" * 4)
     cfg, out = _segment_only(inputs, raw, tmp_path)
     line = one_error(cli("run", cfg), "stage 'segment' block", "corrupt.zarr", CHUNK_KEY)
-    assert "Box(" in line  # the block's write box: where in the volume
+    assert re.search(r"block \d+ \[\d+,\d+,\d+ : \d+,\d+,\d+\) \(xyz\)", line)  # the block's write box
     nothing_finished(out)
 
 
@@ -125,12 +126,6 @@ def test_wrong_voxel_size_is_refused_before_anything_is_written(tmp_path):
     one_error(cli("import", tmp_path / "img.npy", tmp_path / "img.zarr", "--voxel-size", "-4", "4", "40"),
               "voxel_size", "-4")
     assert not (tmp_path / "img.zarr").exists()
-
-
-def test_missing_input_volume(inputs, tmp_path):
-    cfg, out = _segment_only(inputs, tmp_path / "nowhere.zarr", tmp_path)
-    one_error(cli("run", cfg), "nowhere.zarr")
-    nothing_finished(out)
 
 
 # ------------------------------------------------------------------------------------------- configs

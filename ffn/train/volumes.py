@@ -9,7 +9,7 @@ An optional box (XYZ, what a person types) selects e.g. the training sections of
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class TrainingVolume:
     box_stop_xyz: tuple[int, int, int] | None = None
     mask: Any = None  # optional: non-zero where examples may be centred
     name: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
     def box(self) -> Box | None:
         if self.box_start_xyz is None and self.box_stop_xyz is None:

@@ -1,22 +1,24 @@
 """`connectome train ffn CONFIG` / `connectome train segclr CONFIG`: train a model from a YAML/JSON config.
 
 The science lives in ``ffn/`` and ``segclr/``; this command only picks the trainer by the first argument and
-hands it the config path. A trainer is ``module:function`` taking ``(config_path, max_steps=, output_dir=)``.
+hands it the config path. A trainer is ``module:function`` taking ``(config_path, **overrides)``; the
+``--max-steps`` / ``--output-dir`` overrides are passed only when given and only to trainers that accept them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 
 from storage.errors import ConnectomeError
 
 HELP = "Train a model (ffn or segclr) from a YAML/JSON config; resumes from the config's output_dir."
 
-# kind -> "module:function"; each function takes (config_path, *, max_steps=None, output_dir=None)
+# kind -> "module:function" taking (config_path, **overrides)
 TRAINERS: dict[str, str] = {
     "ffn": "ffn.train:train_from_file",
-    "segclr": "segclr.training:train_from_file",
+    "segclr": "segclr.training:train_from_config",
 }
 
 
@@ -34,5 +36,11 @@ def run(args: argparse.Namespace) -> int:
         trainer = getattr(module, func_name)
     except (ImportError, AttributeError) as exc:
         raise ConnectomeError(f"train {args.kind}: trainer {TRAINERS[args.kind]} is not available ({exc})") from None
-    trainer(args.config, max_steps=args.max_steps, output_dir=args.output_dir)
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("output_dir", args.output_dir)) if v is not None}
+    accepted = inspect.signature(trainer).parameters
+    for key in overrides:
+        if key not in accepted:
+            flag = "--" + key.replace("_", "-")
+            raise ConnectomeError(f"train {args.kind}: {flag} is not supported; set it in the config {args.config}")
+    trainer(args.config, **overrides)
     return 0

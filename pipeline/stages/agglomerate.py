@@ -6,6 +6,22 @@ likely one object; a real boundary between cells is a dark membrane. Each block 
 into the unlabelled gap between them (so FFN's membrane-wide gaps become contacts), measures, for every touching
 pair, the contact area and the mean EM intensity across it, and returns those edges; the driver sums edges over
 blocks and merges pairs whose contact is bright enough with one union-find, which only updates the lookup table.
+
+"Bright enough" is relative by default: the contact's mean intensity over the mean interior intensity of the two
+segments (`min_ratio`), so one setting serves datasets (and parts of one dataset) of different brightness; the
+absolute `min_intensity` rule remains for callers without segment intensities.
+
+Measured effect (benchmarks/segment_quality.py, 2026-11-29, 2x2x2 blocks; the small FFN models available then
+label only 35-45 % of the voxels, so absolute VOIs are high and dominated by unlabelled voxels):
+- tuning on training data (medulla z 60-109, 50x128x128; synthetic seed 3, 32x128x128), sweep of 19 rules:
+  min_ratio 1.0 / min_contact 100 gave VOI 3.54 (medulla) and 5.61 (synthetic), within 0.24 of the best rule on
+  each; the previous absolute rule (150 / 30) 3.67 and 5.59: it merged 17 pairs on the medulla training sections
+  but 81 on the validation sections of the same volume, i.e. it depends on brightness, the ratio does not.
+- held out, medulla z 120-169 (50x128x128): VOI 4.29 -> 3.60 with agglomeration (split 1.97 -> 1.23, merge
+  2.33 -> 2.37, ARAND 0.92 -> 0.74); one block 4.16 -> 3.62. Synthetic seed 11 (previous absolute rule):
+  5.282 -> 5.277 (merges are rare there: FFN leaves membrane-wide gaps that 3 voxels of growth rarely close).
+So `agglomerate: True` stays the default. FFN resegmentation at decision points (google/ffn) is the next step if
+merges of the bright-contact rule become the dominant error.
 """
 
 from __future__ import annotations

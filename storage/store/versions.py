@@ -49,7 +49,9 @@ def resolve(backend, version) -> int:
         return latest_committed(backend)
     try:
         v = int(version)
-    except (TypeError, ValueError):
+        if isinstance(version, bool) or (isinstance(version, float) and v != version):
+            raise ValueError(version)
+    except (TypeError, ValueError, OverflowError):
         raise QueryError(f"version must be an integer, got {version!r}") from None
     df = backend.query("SELECT status FROM versions WHERE version = $v", {"v": v})
     if df.empty:
