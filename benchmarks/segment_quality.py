@@ -167,7 +167,7 @@ def evaluate_dataset(client, tmp: Path, name: str, raw, gt, voxel_size, train, m
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic_small", help="FFN model for the synthetic volumes")
-    parser.add_argument("--medulla-model", default="medulla_small", help="FFN model for the medulla sections")
+    parser.add_argument("--medulla-model", default="medulla", help="FFN model for the medulla sections")
     parser.add_argument("--xy", type=int, default=128, help="medulla crop in y and x (full: 250)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 12], help="held-out synthetic seeds")
     parser.add_argument("--workers", type=int, default=2)

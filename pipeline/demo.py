@@ -28,6 +28,36 @@ def demo_config(raw_url: str, out: Path, gpu: bool = False) -> RunConfig:
     return config
 
 
+def _half(segment_id: int) -> int:
+    """Deterministic split of segments into classifier-training (0) and held-out (1) halves."""
+    import hashlib
+
+    return hashlib.md5(str(int(segment_id)).encode()).digest()[0] & 1
+
+
+def ground_truth_types(synth_dir: Path, run_dir: Path) -> pd.DataFrame:
+    """segment_id, cell_type of each predicted segment: the type of the ground-truth cell it overlaps most."""
+    from pipeline.synapse_metrics import overlap_id_map
+    from storage.volume import open_volume
+
+    gt_vol = open_volume(str(synth_dir / "gt"))
+    seg_vol = open_volume(f"precomputed://{run_dir / 'segmentation'}")
+    id_map = overlap_id_map(seg_vol.read(seg_vol.bounds), gt_vol.read(gt_vol.bounds))
+    truth = pd.read_parquet(synth_dir / "cell_types.parquet")
+    type_of = dict(zip(truth["segment_id"].astype(np.uint64), truth["cell_type"]))
+    rows = [(s, type_of.get(np.uint64(g))) for s, g in id_map.items()]
+    return pd.DataFrame([r for r in rows if r[1] is not None], columns=["segment_id", "cell_type"])
+
+
+def write_training_labels(synth_dir: Path, run_dir: Path) -> Path:
+    """Labels for the classifier-training half of the segments (the other half is scored in the summary)."""
+    labels = ground_truth_types(synth_dir, run_dir)
+    labels = labels[[_half(s) == 0 for s in labels["segment_id"]]]
+    path = run_dir / "work" / "demo_training_labels.csv"
+    labels.to_csv(path, index=False)
+    return path
+
+
 def score_run(synth_dir: Path, run_dir: Path) -> dict:
     """Segmentation, synapse and classification quality of a run against the synthetic ground truth."""
     from pipeline.metrics import evaluate
@@ -57,11 +87,12 @@ def score_run(synth_dir: Path, run_dir: Path) -> dict:
     cell_types_file = run_dir / "work" / "skeletons" / "cell_types.parquet"
     if cell_types_file.exists():
         pred = pd.read_parquet(cell_types_file)
-        truth = pd.read_parquet(synth_dir / "cell_types.parquet")
-        truth_of = dict(zip(truth["segment_id"].astype(np.uint64), truth["cell_type"]))
-        gt_type = [truth_of.get(np.uint64(id_map.get(int(s), 0))) for s in pred["segment_id"]]
-        ok = [p == t for p, t in zip(pred["cell_type"], gt_type) if t is not None]
+        truth = ground_truth_types(synth_dir, run_dir)
+        true_of = dict(zip(truth["segment_id"].astype(int), truth["cell_type"]))
+        held_out = [(p, true_of.get(int(s))) for s, p in zip(pred["segment_id"], pred["cell_type"]) if _half(s) == 1]
+        ok = [p == t for p, t in held_out if t is not None]
         out["cell_type_accuracy"] = round(float(np.mean(ok)), 4) if ok else None
+        out["cell_type_scored_segments"] = len(ok)
         out["cell_type_counts"] = pred["cell_type"].value_counts().sort_index().to_dict()
     return out
 
@@ -79,6 +110,12 @@ def run_demo(out: Path, *, size=(128, 256, 256), seed: int = 0, client, progress
         write_synthetic(synth_dir, SynthParams(seed=seed, shape_zyx=tuple(size)), client=client, progress=progress)
     times["synth"] = round(time.perf_counter() - t0, 2)
     config = demo_config(str(synth_dir / "raw"), out)
+    # everything up to the embeddings, then labels for half of the segments from the ground truth, so the
+    # cell-type classifier is trained on this run and scored on the other half
+    config.stages = ["segment", "synapses", "skeletonize", "embed"]
+    run_pipeline(config, client, progress=progress, log=log)
+    config.classify.labels_csv = str(write_training_labels(synth_dir, out / "run"))
+    config.stages = ["segment", "synapses", "skeletonize", "embed", "classify", "publish"]
     stages = run_pipeline(config, client, progress=progress, log=log)
     times.update({name: s.get("seconds") for name, s in stages.items()})
     summary = score_run(synth_dir, out / "run")

@@ -37,8 +37,13 @@ class EmbedConfig:
 
 @dataclass
 class ClassifyConfig:
-    cell_type_model: str | None = "synthetic_cell_types"
-    compartment_model: str | None = "synthetic_compartments"
+    """A packaged/trained classifier folder per target, or `labels_csv` (segment_id,cell_type) to train the
+    cell-type classifier on this run's embeddings first (linear probe over `radius_nm` aggregated embeddings)."""
+
+    cell_type_model: str | None = None
+    compartment_model: str | None = None
+    labels_csv: str | None = None
+    radius_nm: float = 1000.0
 
 
 @dataclass
@@ -168,8 +173,27 @@ def _embed(config: RunConfig, client, seg_url: str, store_path: str, work: Path,
 def _classify(config: RunConfig, store_path: str, work: Path) -> dict:
     from pipeline.stages.classify import run_classify
 
-    return run_classify(work / "skeletons", cell_type_model=_classifier(config.classify.cell_type_model),
+    cell_type_model = _classifier(config.classify.cell_type_model)
+    if cell_type_model is None and config.classify.labels_csv:
+        cell_type_model = _train_cell_types(config.classify, work / "skeletons")
+    if cell_type_model is None and config.classify.compartment_model is None:
+        return {"skipped": "no classifier and no labels_csv configured"}
+    return run_classify(work / "skeletons", cell_type_model=cell_type_model,
                         compartment_model=_classifier(config.classify.compartment_model), store=_store(store_path))
+
+
+def _train_cell_types(config: ClassifyConfig, work: Path) -> Path:
+    """Train the cell-type classifier on this run's embeddings of the labelled segments."""
+    import pandas as pd
+
+    from pipeline.stages.classify import read_labels_csv, train_cell_type_classifier
+    from pipeline.stages.embed import EMBEDDINGS_FILE
+    from pipeline.stages.skeletonize import SKELETONS_FILE
+
+    labels = read_labels_csv(config.labels_csv)
+    clf = train_cell_type_classifier(pd.read_parquet(work / EMBEDDINGS_FILE), pd.read_parquet(work / SKELETONS_FILE),
+                                     labels, radius_nm=config.radius_nm)
+    return clf.save(work / "cell_type_classifier")
 
 
 def _classifier(name: str | None) -> Path | None:

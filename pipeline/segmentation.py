@@ -18,11 +18,13 @@ matches fragments of face neighbours in the central band of their overlap (`matc
 at least half an overlap away from their read-box border; seeds come from the image around the read box
 (`seed_context`) with position-based tie-breaking, in global order, and only within `seed_reach` of the write
 box (pipeline/stages/segment.py says why). `overlap` should be at least FOV radius + deltas of the model.
-What this cannot fix is an FFN whose objects depend on where flooding starts: measured on the test volume
-(synthetic seed 7, 32x128x128) with the small synthetic model trained here for ~5k steps, the same model's
-forward vs reverse seed order already differ by VOI 2.6 (ARAND 0.36), and a crop vs the full volume by
-VOI 2.4 on the crop's write box, so 1-block vs 2x2x2 blocks differs by VOI ~1.5 (ARAND ~0.38). The blockwise
-machinery adds little on top of that; the invariance target (VOI <= 0.05) needs a model whose floods are stable.
+What this cannot fix is an FFN whose objects depend on where flooding starts. Measured 2026-11-29 on the test
+volume (synthetic seed 7, 32x128x128), one process, no blocks: packaged `synthetic_small` (8k steps) forward vs
+reverse seed order differ by VOI 4.1 (ARAND 0.69) and a 24x80x80 crop vs the full volume by VOI 3.3 on the
+crop's 16x64x64 corner; a model trained for this work (~5k steps) 2.6 / 2.4. 1 block vs 2x2x2 blocks then
+differs by VOI 1.5-2.6, i.e. no more than the model's own instability; the invariance target (VOI <= 0.05)
+needs a model whose floods are stable. On quality the blockwise result is within 5 % of the one-block result
+(benchmarks/segment_quality.py: VOI ratio 0.97 synthetic, 0.99-1.01 medulla).
 """
 
 from __future__ import annotations

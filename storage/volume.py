@@ -373,13 +373,16 @@ def open_volume(url_or_spec: str | dict | Volume, *, mode: str = "r", fill_missi
         kv = spec.get("kvstore")
         if isinstance(kv, str):
             kv = kvstore_spec(kv)
-        if not isinstance(kv, dict):
-            raise VolumeError(f"TensorStore spec for {driver} has no kvstore: {json.dumps(spec)[:200]}")
+        if not isinstance(kv, dict) or not isinstance(kv.get("path", ""), str):
+            raise VolumeError(f"TensorStore spec for {driver} has no kvstore: {json.dumps(spec, default=repr)[:200]}")
         kv = {**kv, "path": kv.get("path", "") if kv.get("path", "").endswith("/") or not kv.get("path")
               else kv["path"] + "/"}
         if "fill_missing_data_reads" in spec and not fill_missing:
             fill_missing = bool(spec["fill_missing_data_reads"])
-        level = int(spec.get("scale_index", scale)) if fmt == "neuroglancer_precomputed" else scale
+        try:
+            level = int(spec.get("scale_index", scale)) if fmt == "neuroglancer_precomputed" else scale
+        except (TypeError, ValueError, OverflowError):
+            raise VolumeError(f"TensorStore spec: scale_index must be an integer, got {spec.get('scale_index')!r}") from None
         name = kvstore_url(kv)
         resolved = _resolve(fmt, kv, level, False, name)
         extra = {k: v for k, v in spec.items() if k not in _OUR_SPEC_KEYS}

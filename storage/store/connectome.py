@@ -138,7 +138,7 @@ def _as_limit(limit) -> int | None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, (numbers.Integral, np.integer)) or int(limit) <= 0:
         raise QueryError(f"limit must be a positive integer, got {limit!r}")
-    return int(limit)
+    return min(int(limit), MAX_ID - 1)  # larger pages mean "everything"; SQL LIMIT takes a 64-bit integer
 
 
 def _as_bbox(bbox) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -541,7 +541,7 @@ class Connectome:
         seg = _as_id(segment_id, "segment_id")
         if direction not in ("out", "in"):
             raise QueryError(f"direction must be 'out' or 'in', got {direction!r}")
-        n_min = int(_as_number(min_synapses, "min_synapses"))
+        n_min = int(min(max(_as_number(min_synapses, "min_synapses"), 0), 2**62))  # SQL takes 64-bit ints
         system = self._system(v, classification_system)
         kw = dict(pre=[seg], post=[]) if direction == "out" else dict(pre=[], post=[seg])
         partner, ptype = ("post_segment_id", "post_cell_type") if direction == "out" else ("pre_segment_id", "pre_cell_type")
@@ -578,7 +578,7 @@ class Connectome:
             raise QueryError(f"group_by must be 'cell_type' or 'segment', got {group_by!r}")
         if normalize not in (None, "post_total"):
             raise QueryError(f"normalize must be None or 'post_total', got {normalize!r}")
-        n_min = int(_as_number(min_synapses, "min_synapses"))
+        n_min = int(min(max(_as_number(min_synapses, "min_synapses"), 0), 2**62))  # SQL takes 64-bit ints
         id_list = _as_ids(ids, "ids")
         self._check_segments(v, id_list, "ids")
         system = self._system(v, classification_system) if group_by == "cell_type" else None

@@ -53,6 +53,8 @@ def resolve(backend, version) -> int:
             raise ValueError(version)
     except (TypeError, ValueError, OverflowError):
         raise QueryError(f"version must be an integer, got {version!r}") from None
+    if not 0 <= v < 2**63:
+        raise QueryError(f"unknown version {v} (versions are positive integers)")
     df = backend.query("SELECT status FROM versions WHERE version = $v", {"v": v})
     if df.empty:
         known = [int(x) for x in backend.query(

@@ -197,7 +197,10 @@ class ConnectomeStore(Connectome):
         with self.backend.transaction() as tx:
             versions.commit(tx, version)
         if self.backend.dialect == "postgres":
-            self.backend.execute("ANALYZE")
+            try:  # planner statistics only: the version is committed already, a lost connection here is no failure
+                self.backend.execute("ANALYZE")
+            except ConnectomeError:
+                pass
 
     def abort(self, version: int) -> None:
         """Drop everything a pending version wrote; the previous version is untouched."""
