@@ -116,6 +116,8 @@ def _check_importable_on_workers(client: Client, block_fn: Callable, stage: str)
         return  # pickled by value (cloudpickle), nothing to import
     try:
         client.run(_import_function, module, qualname)
+    except OSError:
+        return  # a worker died or restarted during the check (CommClosedError): the check is a nicety, go on
     except (ImportError, AttributeError) as exc:
         raise BlockFailed(f"stage '{stage}': block function {module}.{qualname} cannot be imported on the Dask "
                           f"workers ({exc}); install the package on the workers or put its folder on PYTHONPATH "
