@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.ndimage as ndi
 
 from storage.box import Block
+from storage.errors import VolumeError
 from storage.volume import open_volume
 
 _MODEL_CACHE: dict = {}
@@ -229,7 +230,7 @@ def run_synapse_stage(image_url: str, segmentation_url: str, store_path: str, co
     image = open_volume(image_url, fill_missing=config.fill_missing)
     segmentation = open_volume(segmentation_url)
     if segmentation.shape != image.shape:
-        raise ValueError(f"segmentation {segmentation_url} shape {segmentation.shape} differs from image "
+        raise VolumeError(f"segmentation {segmentation_url} shape {segmentation.shape} differs from image "
                          f"{image_url} shape {image.shape} (zyx)")
     halo = tuple(h + int(np.ceil(config.detection.partner_radius_nm / v)) + 8
                  for h, v in zip(model_config.halo_zyx, reversed(image.voxel_size)))
