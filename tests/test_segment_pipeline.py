@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 from pipeline.cluster import ClusterConfig, open_client
 from pipeline.metrics import evaluate
@@ -102,11 +103,13 @@ def oracle_image(gt: np.ndarray) -> np.ndarray:
         diff = gt[tuple(lo)] != gt[tuple(hi)]
         boundary[tuple(lo)] |= diff
         boundary[tuple(hi)] |= diff
+    # thicken membranes in-plane so a 3x3x3 flood cannot leak through diagonal gaps
+    boundary = ndi.binary_dilation(boundary, structure=np.ones((1, 3, 3), bool))
     return np.where(boundary, 30, 200).astype(np.uint8)
 
 
-@pytest.mark.xfail(reason="measured VOI 0.23 between 1-block and 2x2x2 (3 splits, 0 merges): some objects crossing "
-                          "a face are not matched in the overlap band yet (issue 4 note)", strict=False)
+@pytest.mark.xfail(reason="measured VOI 0.30 between 1-block and 2x2x2: objects whose block pieces "
+                          "are left unseeded or unmatched near faces (issue 4 note)", strict=False)
 def test_block_invariance_of_the_machinery(client, volume, tmp_path):
     """With a model whose floods do not depend on context (a hand-set FFN that grows through bright voxels, on EM
     whose membranes are the ground-truth boundaries), 2x2x2 blocks must give the one-block result: this isolates
