@@ -23,19 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import last_json
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 600.0
 
 
-def last_json(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
 
 
 def main() -> int:

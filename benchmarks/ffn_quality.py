@@ -33,7 +33,7 @@ SHARED = Path(os.environ.get("CONNECTOME_SHARED_DATA", REPO.parent / "shared" / 
 CKPT = SHARED / "ffn_fib25_checkpoint" / "model.ckpt-27465036"
 MEDULLA = SHARED / "flyem_fib_medulla_train" / "medulla_train.h5"
 TRAIN_Z, VAL_Z = (0, 120), (120, 170)
-SYNTH_TRAIN_SEED, SYNTH_TEST_SEED = 1, 4242  # the synthetic FFN was trained on seed 1 (see its TRAINING.md)
+SYNTH_TRAIN_SEED, SYNTH_TEST_SEED = 1, 4242  # synthetic_small was trained on seeds 1001-1003 (its TRAINING.md)
 
 
 def parse_args(argv=None):

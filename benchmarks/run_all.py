@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import last_json
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results.json"
@@ -56,18 +58,9 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "segment_quality": (["--xy", "64", "--seeds", "11"], 1800),
     "segclr_quality": (["--seeds", "101,102", "--shape-xyz", "192,192,48", "--draws", "3"], 1800),
 }
-NOT_BENCHMARKS = {"run_all", "segclr_data"}  # segclr_data generates training volumes; it measures nothing
+NOT_BENCHMARKS = {"run_all", "segclr_data", "common"}  # segclr_data generates training volumes; it measures nothing
 
 
-def last_json(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
 
 
 def run_one(name: str, args: list[str], timeout: int) -> dict:
