@@ -23,7 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from storage.errors import ConfigError, ConnectomeError  # noqa: E402
+from storage.errors import ConfigError  # noqa: E402
+from storage.model_dirs import read_config_json, resolve_model_dir  # noqa: E402
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -96,19 +97,12 @@ def save_model(model, config: SynapseModelConfig, directory: str | Path) -> Path
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if (path / CONFIG_FILE).exists():
-        return path
-    packaged = MODELS_DIR / str(name_or_path)
-    if (packaged / CONFIG_FILE).exists():
-        return packaged
-    available = sorted(p.name for p in MODELS_DIR.glob("*") if (p / CONFIG_FILE).exists()) if MODELS_DIR.exists() else []
-    raise ConnectomeError(f"synapse model {name_or_path!r} not found (no {CONFIG_FILE} there; packaged: {available})")
+    return resolve_model_dir(name_or_path, MODELS_DIR, CONFIG_FILE, "synapse")
 
 
 def load_model(name_or_path: str | Path):
     directory = resolve_model(name_or_path)
-    config = SynapseModelConfig.from_json_dict(json.loads((directory / CONFIG_FILE).read_text()), str(directory))
+    config = SynapseModelConfig.from_json_dict(read_config_json(directory, CONFIG_FILE, "synapse"), str(directory))
     model = build_model(config)
     model.load_weights(directory / WEIGHTS_FILE)
     return model, config

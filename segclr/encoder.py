@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from storage.model_dirs import packaged_models, read_config_json, resolve_model_dir  # noqa: E402
 from storage.errors import ConfigError, ConnectomeError  # noqa: E402
 
 CONFIG_FILE = "config.json"
@@ -204,14 +205,8 @@ def save_model(encoder: keras.Model, config: SegCLRConfig, directory: str | os.P
 
 
 def load_config(directory: str | os.PathLike) -> SegCLRConfig:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise ConnectomeError(f"SegCLR model folder {directory}: missing {CONFIG_FILE}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return SegCLRConfig.from_json_dict(data, where=str(path))
+    return SegCLRConfig.from_json_dict(read_config_json(directory, CONFIG_FILE, "SegCLR"),
+                                   where=str(Path(directory) / CONFIG_FILE))
 
 
 def load_model(name_or_path: str | os.PathLike) -> tuple[keras.Model, SegCLRConfig]:
@@ -230,21 +225,10 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[keras.Model, SegCLRConf
 
 
 def available_models() -> list[str]:
-    if not MODELS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / CONFIG_FILE).is_file())
+    """Names of the packaged models."""
+    return packaged_models(MODELS_DIR, CONFIG_FILE)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A folder with a config wins, then a packaged model's name."""
-    p = Path(name_or_path).expanduser()
-    if (p / CONFIG_FILE).is_file():
-        return p
-    packaged = MODELS_DIR / str(name_or_path)
-    if (packaged / CONFIG_FILE).is_file():
-        return packaged
-    names = ", ".join(available_models()) or "none"
-    raise ConnectomeError(
-        f"SegCLR model {str(name_or_path)!r}: no folder with {CONFIG_FILE} there and no packaged model of that name "
-        f"(packaged: {names})"
-    )
+    """``--model`` value -> model folder: an existing folder with a config wins, then a packaged name."""
+    return resolve_model_dir(name_or_path, MODELS_DIR, CONFIG_FILE, "SegCLR")
