@@ -4,6 +4,19 @@ sys.path)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# real data, read in place (tests and benchmarks never copy it)
+SHARED = Path(os.environ.get("CONNECTOME_SHARED_DATA", REPO.parent / "shared" / "data"))
+CKPT = SHARED / "ffn_fib25_checkpoint" / "model.ckpt-27465036"
+MEDULLA = SHARED / "flyem_fib_medulla_train" / "medulla_train.h5"
 
 
 def last_json(text: str) -> dict | None:
@@ -16,3 +29,4 @@ def last_json(text: str) -> dict | None:
             except json.JSONDecodeError:
                 return None
     return None
+

@@ -25,13 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-SHARED = Path(os.environ.get("CONNECTOME_SHARED_DATA", REPO.parent / "shared" / "data"))
-CKPT = SHARED / "ffn_fib25_checkpoint" / "model.ckpt-27465036"
-MEDULLA = SHARED / "flyem_fib_medulla_train" / "medulla_train.h5"
+from common import CKPT, MEDULLA  # noqa: E402 (common also puts the repository on sys.path)
 TRAIN_Z, VAL_Z = (0, 120), (120, 170)
 SYNTH_TRAIN_SEED, SYNTH_TEST_SEED = 1, 4242  # synthetic_small was trained on seeds 1001-1003 (its TRAINING.md)
 

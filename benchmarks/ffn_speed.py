@@ -23,13 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-SHARED = Path(os.environ.get("CONNECTOME_SHARED_DATA", REPO.parent / "shared" / "data"))
-CKPT = SHARED / "ffn_fib25_checkpoint" / "model.ckpt-27465036"
-MEDULLA = SHARED / "flyem_fib_medulla_train" / "medulla_train.h5"
+from common import CKPT, MEDULLA  # noqa: E402 (common also puts the repository on sys.path)
 
 
 def parse_args(argv=None):
