@@ -90,15 +90,20 @@ class Flood:
 
 
 class Canvas:
-    """State of one volume. ``image`` is raw (uint8 or float); the config's mean/stddev normalise it."""
+    """State of one volume. ``image`` is raw (uint8 or float); the config's mean/stddev normalise it.
+
+    ``offset``: the canvas may be the caller's volume padded on its faces; fixed seed lists given in the caller's
+    coordinates (``BlockSeeds``) are shifted by it."""
 
     def __init__(self, image: np.ndarray, config: FFNConfig, options: InferenceOptions | None = None, *,
-                 restrictor: Restrictor | np.ndarray | None = None, seed_policy=None, max_floods: int = 1):
+                 restrictor: Restrictor | np.ndarray | None = None, seed_policy=None, max_floods: int = 1,
+                 offset: tuple[int, int, int] = (0, 0, 0)):
         from ffn.seeds import make_seed_policy
 
         if image.ndim != 3:
             raise ConfigError(f"FFN canvas: image must be 3-D (z, y, x), got shape {image.shape}")
         self.config = config
+        self.offset = tuple(int(v) for v in offset)  # where the caller's volume starts (padding before it)
         self.options = options or InferenceOptions.from_config(config)
         self.raw_image = image
         self.image = config.normalize(image)

@@ -75,6 +75,7 @@ class SegmentConfig:
     match_band: float = 0.5  # match fragments within this fraction of the overlap on each side of a block face
     seed_context: tuple[int, int, int] | None = None  # image read around a read box for seeds; default = overlap
     seed_reach: float | None = 0.5  # seeds only within this fraction of the overlap outside the write box
+    fill_holes: bool = True  # write-box voxels a block left at 0 take a neighbour's fragment there
     agglomerate: bool = True
     agglomeration: AgglomerationParams = field(default_factory=AgglomerationParams)
     pyramid_levels: int = 2
@@ -191,6 +192,7 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
     rec_results = timer.run("reconcile", run_blockwise, "reconcile", grid, reconcile_block, params=dict(
         grid_json=grid.to_json(), work_dir=str(work / "segment"), stride=stride,
         min_voxels=config.min_overlap_voxels, min_fraction=config.min_overlap_fraction, match_band=config.match_band,
+        fragments_spec=fragments.spec if config.fill_holes else None,
     ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
 
     t0 = time.perf_counter()

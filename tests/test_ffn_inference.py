@@ -162,6 +162,23 @@ def test_restrictor_mask_bounds_the_fill(grow):
     assert free.max() == 2  # without the mask: one segment per tube
 
 
+def test_padding_reaches_border_objects(grow):
+    """An object thinner than the FOV radius along the border is out of reach of every FOV centre in the bare
+    volume (the reference leaves it empty); mirror padding lets seeds and moves reach it, and is cropped away."""
+    forward, cfg, _ = grow
+    img = np.full((24, 24, 48), DARK, np.uint8)
+    img[1:4, 4:20, :] = BRIGHT  # a 3-voxel slab against z = 0: FOV radius is 4
+    img[12:20, 4:20, :] = BRIGHT  # and one in the middle
+    bare, _ = segment_volume(img, forward, cfg, seed_policy="peaks", pad_faces=False)
+    padded, stats = segment_volume(img, forward, cfg, seed_policy="peaks")
+    assert padded.shape == img.shape
+    assert not bare[1:4].any() and bare[12:20].any()
+    slab = padded[1:4, 4:20, :]
+    assert (slab > 0).mean() > 0.9 and len(np.unique(slab[slab > 0])) == 1
+    assert not padded[img == DARK].any()
+    assert all(all(0 <= v < n for v, n in zip(pos, img.shape)) for pos, _ in stats["origins"].values())
+
+
 def test_min_segment_size_rejects_and_marks_seeds(grow):
     forward, cfg, _ = grow
     labels, stats = segment_volume(tubes(), forward, cfg, seed_policy="peaks", min_segment_size=5000)
@@ -253,7 +270,7 @@ def test_options_and_errors(grow):
     with pytest.raises(ConfigError, match="bogus"):
         segment_volume(tubes(), forward, cfg, bogus=1)
     with pytest.raises(ConfigError, match="smaller than the FOV"):
-        segment_volume(np.zeros((4, 20, 20), np.uint8), forward, cfg)
+        segment_volume(np.zeros((4, 20, 20), np.uint8), forward, cfg, pad_faces=False)
     with pytest.raises(ConfigError, match="seed_policy"):
         segment_volume(tubes(), forward, cfg, seed_policy="nope")
     canvas = Canvas(tubes(), cfg, seed_policy="grid")

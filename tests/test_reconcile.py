@@ -173,6 +173,36 @@ def test_block_seeds_agree_with_the_whole_volume_inside_blocks():
     assert seeds(0) != expect
 
 
+def test_holes_in_a_write_box_take_the_neighbours_fragment(tmp_path):
+    """A block that left part of its write box at 0 (the object there was seeded only by the neighbour) gets the
+    neighbour's fragment ids there; labelled voxels and voxels no block labelled are left alone."""
+    from pipeline.stages.reconcile import fill_holes_from_neighbours
+    from pipeline.stages.segment import save_side_file, side_file, to_global
+    from storage.box import Box, BlockGrid
+    from storage.volume import create_volume
+
+    grid = BlockGrid(Box.from_shape((8, 32, 64)), (8, 32, 32), (0, 0, 8))
+    a, b = grid.block(0), grid.block(1)
+    stride = 1000
+    la = np.zeros(a.read.shape, np.uint32)
+    la[:, :16, :] = 1  # a's own object
+    lb = np.zeros(b.read.shape, np.uint32)
+    lb[:, 8:24, :] = 2  # an object b flooded; it reaches 8 voxels into a's write box (b's read box)
+    save_side_file(side_file(tmp_path, a.block_id), la)
+    save_side_file(side_file(tmp_path, b.block_id), lb)
+    frags = create_volume(str(tmp_path / "fragments"), shape_zyx=(8, 32, 64), dtype="uint64",
+                          voxel_size_xyz_nm=(8, 8, 40), chunk_shape_zyx=(8, 32, 32))
+    mine = to_global(la, a.block_id, stride)
+    frags.write(a.write, mine[a.write.relative_to(a.read).slices])
+    filled = fill_holes_from_neighbours(a, grid, mine, str(tmp_path), stride, frags.spec)
+    out = frags.read(a.write)
+    b_id = 1 * stride + 2
+    assert filled == 8 * 8 * 8  # rows 16-23 of a's write box inside b's read box (x 24-31)
+    assert (out[:, :16, :] == 1).all()  # a's own labels win where a labelled
+    assert (out[:, 16:24, 24:32] == b_id).all() and not out[:, 16:24, :24].any()
+    assert not out[:, 24:, :].any()
+
+
 def test_lookup_digest_follows_table_content():
     from pipeline.segmentation import lookup_digest
 

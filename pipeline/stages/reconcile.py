@@ -121,6 +121,7 @@ def reconcile_block(
     min_voxels: int,
     min_fraction: float,
     match_band: float = 1.0,
+    fragments_spec: dict | None = None,
 ) -> dict:
     """Match this block's fragments with those of its forward face neighbours in the central part of their overlap
     (``match_band`` = fraction of the halo on each side of the face; 1 = the whole overlap)."""
@@ -143,4 +144,41 @@ def reconcile_block(
         b = theirs[shared.relative_to(other.read).slices]
         pairs.append(match_fragments(a, b, thresholds))
     found = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.uint64)
-    return {"equivalences": found.tolist()}
+    filled = 0
+    if fragments_spec is not None:
+        filled = fill_holes_from_neighbours(block, grid, mine, work_dir, stride, fragments_spec)
+    return {"equivalences": found.tolist(), "filled_voxels": filled}
+
+
+def fill_holes_from_neighbours(block, grid, mine: np.ndarray, work_dir: str, stride: int,
+                               fragments_spec: dict) -> int:
+    """Write-box voxels this block left unlabelled take the fragment a neighbour put there (in its read box).
+
+    A block only seeds near its write box, so an object whose seeds all lie in a neighbour's half of the overlap
+    is flooded by that neighbour and left at 0 here, although one pass over the whole volume labels it; those
+    voxels would be holes at the face. Neighbours are asked in id order, so the result is deterministic and the
+    fragments keep their ids (they are already in the lookup table). Returns the number of voxels filled."""
+    from pipeline.stages.segment import load_side_file, to_global
+    from storage.volume import open_volume
+
+    own = mine[block.write.relative_to(block.read).slices]
+    holes = own == 0
+    if not holes.any():
+        return 0
+    out = own.copy()
+    for other_id in grid.neighbours(block.block_id, faces_only=False):
+        other = grid.block(other_id)
+        shared = block.write.intersect(other.read)
+        if shared.empty:
+            continue
+        mine_sl = shared.relative_to(block.write).slices
+        if not holes[mine_sl].any():
+            continue
+        theirs = to_global(load_side_file(work_dir, other_id), other_id, stride)[shared.relative_to(other.read).slices]
+        take = holes[mine_sl] & (theirs != 0)
+        out[mine_sl][take] = theirs[take]
+        holes[mine_sl] &= ~take
+    filled = int(np.count_nonzero(out != own))
+    if filled:
+        open_volume(fragments_spec, mode="r+").write(block.write, out)
+    return filled

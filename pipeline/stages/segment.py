@@ -104,16 +104,27 @@ class BlockSeeds:
     coords: tuple
 
     def __call__(self, canvas) -> Iterator[tuple[int, int, int]]:
-        return iter(self.coords)
+        oz, oy, ox = getattr(canvas, "offset", (0, 0, 0))
+        return iter([(z + oz, y + oy, x + ox) for z, y, x in self.coords])
+
+
+def outer_faces(block: Block, bounds) -> tuple[tuple[bool, bool], ...]:
+    """ZYX (before, after): which faces of the read box lie on the volume's border (no neighbour, no context)."""
+    return tuple((block.read.start[i] <= bounds.start[i], block.read.stop[i] >= bounds.stop[i]) for i in range(3))
 
 
 def block_seeds(volume, block: Block, *, context: Sequence[int], reach: Sequence[int] | None,
-                margin: Sequence[int], min_distance: int = 3) -> BlockSeeds:
+                margin: Sequence[int], padded: Sequence[tuple[bool, bool]] = ((False, False),) * 3,
+                min_distance: int = 3) -> BlockSeeds:
     """Peaks of the image around the read box (read box + context, clipped to the volume), kept where a FOV fits
-    in the read box and within `reach` of the write box; coordinates relative to the read box."""
+    in the read box (or reaches into the padding of a `padded` face) and within `reach` of the write box;
+    coordinates relative to the read box."""
+    from storage.box import Box
+
     ctx = block.read.grow(tuple(int(c) for c in context)).intersect(volume.bounds)
     coords = global_peak_coords(volume.read(ctx), ctx, min_distance=min_distance)
-    allowed = block.read.grow(tuple(-int(m) for m in margin))
+    allowed = Box(tuple(s + (0 if lo else int(m)) for s, m, (lo, _) in zip(block.read.start, margin, padded)),
+                  tuple(e - (0 if hi else int(m)) for e, m, (_, hi) in zip(block.read.stop, margin, padded)))
     if reach is not None:
         allowed = allowed.intersect(block.write.grow(tuple(int(r) for r in reach)))
     ok = np.all(coords >= np.asarray(allowed.start), axis=1) & np.all(coords < np.asarray(allowed.stop), axis=1)
@@ -142,10 +153,12 @@ def segment_block(
     image = volume.read(block.read)
     model, config = _model(model_dir, tf_threads)
     options = dict(inference)
+    faces = outer_faces(block, volume.bounds)  # mirror-padded; the other faces have the overlap as context
     if "seed_policy" not in options:
         margin = tuple(f // 2 for f in config.fov_size)
-        options["seed_policy"] = block_seeds(volume, block, context=seed_context, reach=seed_reach, margin=margin)
-    local, stats = segment_volume(image, model, config, **options)
+        options["seed_policy"] = block_seeds(volume, block, context=seed_context, reach=seed_reach, margin=margin,
+                                             padded=faces)
+    local, stats = segment_volume(image, model, config, pad_faces=faces, **options)
     local = np.asarray(local)
     if local.max(initial=0) >= stride:
         raise RuntimeError(f"block {block.block_id}: {int(local.max())} local ids exceed the id stride {stride}")
