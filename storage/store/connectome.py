@@ -15,6 +15,7 @@ root-id churn and untyped results. So every call here
 from __future__ import annotations
 
 import numbers
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -25,14 +26,19 @@ import pyarrow as pa
 from storage.errors import ConnectomeError, QueryError
 from storage.store import morton, versions
 from storage.store.backend import open_backend
+from storage.store.duckdb_backend import POST_COPY
 from storage.store.sql import Sql
 
 MAX_ID = (1 << 63) - 1
 UNTYPED = "untyped"
-# DuckDB answers "pre_fragment_id = ?" from its ART index but not IN-lists, so up to this many fragments become
-# a UNION ALL of point lookups.
+# DuckDB prunes row groups of the clustered synapse table (zone maps) for "pre_fragment_id = ?" but not for a
+# bound list parameter, so up to this many fragments become a UNION ALL of point lookups.
 MAX_POINT_LOOKUPS = 64
 MAX_MATRIX_SEGMENTS = 5000
+# Up to this many id_map rows, a committed version's fragment -> segment map and its cell types are held in memory
+# (sorted numpy arrays, ~40 bytes a fragment; two versions at most), so a one-cell query is one pruned synapse scan
+# plus array lookups instead of three SQL statements. Larger maps are resolved in SQL per query.
+MAX_CACHED_FRAGMENTS = 2_000_000
 
 _ID_COLS = {"segment_id", "synapse_id", "pre_segment_id", "post_segment_id", "pre_fragment_id", "post_fragment_id",
             "fragment_id", "partner_id", "node_id", "parent_id"}
@@ -70,7 +76,7 @@ def typed(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         s = df[col]
         target = _target_dtype(col, False)
-        if target is None or str(s.dtype) == target:
+        if target is None or str(s.dtype) == target or (str(s.dtype) == _target_dtype(col, True) and s.hasnans):
             continue
         plain = isinstance(s.dtype, np.dtype) and s.dtype.kind in "iub"  # numpy ints/bools hold no nulls
         df[col] = s.astype(target if plain or not s.isna().any() else _target_dtype(col, True))
@@ -168,12 +174,88 @@ def arrow_frame(table: pa.Table) -> pd.DataFrame:
     return typed(table.to_pandas())
 
 
-def _finish(df: pd.DataFrame, version: int, limit: int | None, key: str | None) -> pd.DataFrame:
+# Synapse columns read from the table by the two-step path (partners and cell types are resolved afterwards).
+_SYNAPSE_ROW_COLUMNS = ("synapse_id", "pre_fragment_id", "post_fragment_id") + SYNAPSE_COLUMNS[5:17]
+
+
+def _column(col: pa.ChunkedArray, target: str):
+    """An Arrow column as numpy (or a pandas nullable array when it holds nulls) in its result dtype."""
+    if col.null_count == 0:
+        return col.to_numpy().astype(target, copy=False)
+    if target in ("int32", "int64", "uint64"):
+        values = col.fill_null(0).to_numpy().astype(target, copy=False)
+        mask = col.is_null().to_numpy(zero_copy_only=False)
+        return pd.arrays.IntegerArray(values, mask)
+    return col.to_numpy(zero_copy_only=False).astype(target, copy=False)  # floats: NaN marks null
+
+
+class _VersionMaps:
+    """fragment -> segment and segment -> cell type at one version, as sorted arrays (lookups by searchsorted).
+
+    Built either for a whole committed version (cached, see MAX_CACHED_FRAGMENTS) or for just the fragments one
+    query touches (then unknown fragments simply map to segment 0, as the SQL LEFT JOIN does)."""
+
+    def __init__(self, fragments: np.ndarray, segments: np.ndarray):
+        fragments = np.asarray(fragments, dtype=np.int64)
+        segments = np.asarray(segments, dtype=np.int64)
+        order = np.argsort(fragments, kind="stable")
+        self.frag, self.seg_of_frag = fragments[order], segments[order]
+        order = np.lexsort((fragments, segments))
+        self.seg, self.frag_of_seg = segments[order], fragments[order]
+        # system -> (segment ids sorted, label code per segment, labels + [None]); codes keep one Python string
+        # per distinct cell type in memory, not one per segment
+        self.types: dict[str | None, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    @staticmethod
+    def _lookup(keys: np.ndarray, table: np.ndarray, values: np.ndarray, default):
+        if len(table) == 0:
+            return np.full(len(keys), default, dtype=values.dtype)
+        idx = np.minimum(np.searchsorted(table, keys), len(table) - 1)
+        return np.where(table[idx] == keys, values[idx], default)
+
+    def fragments(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """Fragments of these segments (sorted) and the segments that have none."""
+        keys = np.asarray(ids, dtype=np.int64)
+        lo, hi = np.searchsorted(self.seg, keys, "left"), np.searchsorted(self.seg, keys, "right")
+        missing = keys[hi == lo].tolist()
+        if len(keys) == 1:
+            frags = self.frag_of_seg[lo[0]:hi[0]]
+        else:
+            frags = np.concatenate([self.frag_of_seg[a:b] for a, b in zip(lo, hi)])
+        return sorted(frags.tolist()), missing
+
+    def segments(self, fragments: np.ndarray) -> np.ndarray:
+        """Segment of each fragment (0 where the fragment is not mapped)."""
+        return self._lookup(np.asarray(fragments, dtype=np.int64), self.frag, self.seg_of_frag, 0)
+
+    def cell_types(self, segments: np.ndarray, system: str | None) -> np.ndarray:
+        """Cell type of each segment in one classification system (None where untyped)."""
+        keys, codes, labels = self.types[system]
+        return labels[self._lookup(np.asarray(segments, dtype=np.int64), keys, codes, -1)]
+
+    def set_types(self, system: str | None, segments, labels) -> None:
+        """``labels``: one cell type per segment (a list or an Arrow string column)."""
+        segments = np.asarray(segments, dtype=np.int64)
+        labels = pa.chunked_array([pa.array(labels, pa.string())]) if isinstance(labels, list) else labels
+        encoded = labels.combine_chunks().dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        order = np.argsort(segments, kind="stable")
+        self.types[system] = (segments[order], codes[order],
+                              np.array(encoded.dictionary.to_pylist() + [None], dtype=object))
+
+
+def _finish(df: pd.DataFrame, version: int, limit: int | None, key: str | None, *,
+            is_typed: bool = False) -> pd.DataFrame:
+    """Cut a page (limit + 1 rows fetched -> limit rows and a cursor) and record the version in ``df.attrs``.
+    ``is_typed``: the columns already have the result dtypes (skips re-checking them)."""
     next_after = None
     if limit is not None and len(df) > limit:
         df = df.iloc[:limit].copy()
         next_after = int(df[key].iloc[-1])
-    df = typed(df.reset_index(drop=True))
+    if not isinstance(df.index, pd.RangeIndex) or df.index.start != 0 or df.index.step != 1:
+        df = df.reset_index(drop=True)
+    if not is_typed:
+        df = typed(df)
     df.attrs["version"] = int(version)
     df.attrs["next_after"] = next_after
     df.attrs["complete"] = next_after is None
@@ -192,6 +274,8 @@ class Connectome:
         self.backend = backend
         # Facts about a committed version never change (versions are immutable), so they are cached per version.
         self._cache: dict[tuple, object] = {}
+        self._maps_cache: dict[int, _VersionMaps | None] = {}  # version -> its maps (None: too large to hold)
+        self._maps_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
@@ -315,6 +399,12 @@ class Connectome:
     def _fragments(self, v: int, ids: list[int], what: str | None = None) -> list[int]:
         """Fragments of these segments at v; with ``what``, unknown segments raise QueryError (one round trip
         when every segment has fragments, the common case)."""
+        maps = self._version_maps(v)
+        if maps is not None:
+            frags, missing = maps.fragments(ids)
+            if what is not None:
+                self._check_segments(v, missing, what)
+            return frags
         q = Sql(self.backend.dialect)
         rows = self.backend.rows(
             f"SELECT i.segment_id, i.fragment_id FROM id_map i WHERE {q.visible('i', v)} AND "
@@ -323,6 +413,58 @@ class Connectome:
             missing = sorted(set(ids) - {int(r[0]) for r in rows})
             self._check_segments(v, missing, what)
         return sorted(int(r[1]) for r in rows)
+
+    def _post_copy(self) -> bool:
+        """Whether DuckDB's copy of the synapses in postsynaptic order holds exactly the committed rows: it exists
+        and no committed version wrote synapses after it was built (checked once per write generation)."""
+        token = getattr(self.backend, "write_generation", lambda: None)()
+        if self.backend.dialect != "duckdb" or token is None:
+            return False
+
+        def compute() -> bool:
+            if not self.backend.rows("SELECT 1 FROM duckdb_tables() WHERE table_name = $t AND NOT temporary",
+                                     {"t": POST_COPY}):
+                return False
+            built = self.backend.rows("SELECT value FROM store_meta WHERE key = $k", {"k": POST_COPY})
+            newest = self.backend.rows(
+                "SELECT max(l.version) FROM load_batches l JOIN versions v ON v.version = l.version "
+                "WHERE l.table_name = 'synapses' AND v.status = 'committed'")[0][0]
+            return bool(built) and (newest is None or int(newest) <= int(built[0][0]))
+
+        return self._cached(("post_copy", token), compute)
+
+    def _version_maps(self, v: int) -> _VersionMaps | None:
+        """The whole fragment -> segment map of committed version v in memory, when it is small enough (DuckDB:
+        this process is the only writer, and a committed version never changes, so the copy cannot go stale)."""
+        if self.backend.dialect != "duckdb":
+            return None
+        with self._maps_lock:  # reader threads may share this object: build each version's maps once
+            if v in self._maps_cache:
+                return self._maps_cache[v]
+            maps = None
+            n = self.backend.rows("SELECT count(*) FROM id_map")[0][0]
+            if n <= MAX_CACHED_FRAGMENTS:
+                q = Sql(self.backend.dialect)
+                t = self.backend.query_arrow(
+                    f"SELECT i.fragment_id, i.segment_id FROM id_map i WHERE {q.visible('i', v)}", q.params)
+                maps = _VersionMaps(t.column(0).to_numpy(), t.column(1).to_numpy())
+            while len(self._maps_cache) >= 2:
+                self._maps_cache.pop(next(iter(self._maps_cache)))
+            self._maps_cache[v] = maps
+            return maps
+
+    def _version_types(self, maps: _VersionMaps, v: int, system: str | None) -> _VersionMaps:
+        """Cell types of one classification system at v, loaded once into the cached maps."""
+        if system not in maps.types:  # (two threads may both load them: same content, last one kept)
+            if system is None:
+                maps.set_types(None, [], [])
+            else:
+                q = Sql(self.backend.dialect)
+                t = self.backend.query_arrow(
+                    f"SELECT c.segment_id, c.cell_type FROM cell_types c WHERE {q.visible('c', v)} "
+                    f"AND c.classification_system = {q.p(system)}", q.params)
+                maps.set_types(system, t.column(0).to_numpy(), t.column(1))
+        return maps
 
     # ------------------------------------------------------------ cells
     def cells(self, cell_type: str | Iterable[str] | None = None, min_voxels: float | None = None,
@@ -375,7 +517,8 @@ class Connectome:
 
     # ------------------------------------------------------------ synapses
     def _base_sql(self, q: Sql, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
-                  post_types: list[str], bbox, min_score, valid_only: bool, after: int | None) -> str:
+                  post_types: list[str], bbox, min_score, valid_only: bool, after: int | None,
+                  columns: str = "s.*") -> str:
         """SQL of the synapse rows (fragment level) that can match, with the cheap filters pushed down."""
         push = [q.visible("s", v)]
         if bbox is not None:
@@ -404,17 +547,19 @@ class Connectome:
                 self._fragments(v, post, "post")
             col = f"s.{side}_fragment_id"
             if not frags:
-                return "SELECT s.* FROM synapses s WHERE FALSE"
+                return f"SELECT {columns} FROM synapses s WHERE FALSE"
+            # DuckDB: input-side lookups read the copy in postsynaptic order (same rows) when it is current
+            table = POST_COPY if side == "post" and self._post_copy() else "synapses"
             if self.backend.dialect == "duckdb" and len(frags) <= MAX_POINT_LOOKUPS:
                 return " UNION ALL ".join(
-                    f"SELECT s.* FROM synapses s WHERE {col} = {q.p(f)} AND {pushed}" for f in frags)
-            return f"SELECT s.* FROM synapses s WHERE {q.in_list(col, frags)} AND {pushed}"
+                    f"SELECT {columns} FROM {table} s WHERE {col} = {q.p(f)} AND {pushed}" for f in frags)
+            return f"SELECT {columns} FROM {table} s WHERE {q.in_list(col, frags)} AND {pushed}"
         if pre_types or post_types:
             side, types = ("pre", pre_types) if pre_types else ("post", post_types)
-            return (f"SELECT s.* FROM synapses s WHERE s.{side}_fragment_id IN "
+            return (f"SELECT {columns} FROM synapses s WHERE s.{side}_fragment_id IN "
                     f"(SELECT m.fragment_id FROM m JOIN ct ON ct.segment_id = m.segment_id "
                     f"WHERE {q.in_list('ct.cell_type', types)}) AND {pushed}")
-        return f"SELECT s.* FROM synapses s WHERE {pushed}"
+        return f"SELECT {columns} FROM synapses s WHERE {pushed}"
 
     def _synapse_select(self, q: Sql, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
                         post_types: list[str], bbox, min_score, valid_only: bool, system: str | None,
@@ -448,37 +593,43 @@ class Connectome:
             f"WHERE {' AND '.join(where)}"
         )
 
-    def _synapses_two_step(self, v: int, *, pre: list[int], post: list[int], pre_types: list[str],
-                           post_types: list[str], bbox, min_score, valid_only: bool, system: str | None,
-                           after: int | None) -> pd.DataFrame:
-        """DuckDB path for explicit pre/post ids: fetch the (few) candidate rows with a pruned scan, then
-        resolve only their fragments. Same answer as _synapse_select, but ~2.5x less CPU than joining the whole
-        id map and cell-type table inside one query (measured), which matters for one-cell latency."""
+    def _resolve_rows(self, v: int, *, pre: list[int], post: list[int], pre_types: list[str], post_types: list[str],
+                      bbox, min_score, valid_only: bool, system: str | None, after: int | None):
+        """DuckDB two-step path: fetch the candidate rows with a pruned scan (zone maps of the clustered table),
+        then resolve only their fragments — from the version's cached maps when it has them, else in one SQL
+        statement. Same answer as _synapse_select without joining the whole id map and cell-type table per query.
+
+        Returns (rows, pre_seg, post_seg, pre_type, post_type, valid, idx): idx = the kept rows in synapse_id
+        order."""
         q = Sql(self.backend.dialect)
-        base = self._base_sql(q, v, pre=pre, post=post, pre_types=[], post_types=[], bbox=bbox,
-                              min_score=min_score, valid_only=valid_only, after=after)
+        base = self._base_sql(q, v, pre=pre, post=post, pre_types=[], post_types=[], bbox=bbox, min_score=min_score,
+                              valid_only=valid_only, after=after,
+                              columns=", ".join(f"s.{c}" for c in _SYNAPSE_ROW_COLUMNS))
         rows = self.backend.query_arrow(base, q.params)
         pre_f = rows.column("pre_fragment_id").to_numpy()
         post_f = rows.column("post_fragment_id").to_numpy()
-        frags = np.union1d(pre_f, post_f).tolist()
-        seg: dict[int, int] = {}
-        ctype: dict[int, object] = {}
-        if frags:
-            q = Sql(self.backend.dialect)
-            sys_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else ""
-            for f, sgm, t in self.backend.rows(
-                    f"SELECT i.fragment_id, i.segment_id, c.cell_type FROM id_map i LEFT JOIN cell_types c ON "
-                    f"c.segment_id = i.segment_id AND {q.visible('c', v)}{sys_filter} "
-                    f"WHERE {q.visible('i', v)} AND {q.in_list('i.fragment_id', frags)}", q.params):
-                seg[int(f)] = int(sgm)
-                ctype[int(sgm)] = t
-        pre_seg = np.array([seg.get(int(f), 0) for f in pre_f], dtype=np.int64)
-        post_seg = np.array([seg.get(int(f), 0) for f in post_f], dtype=np.int64)
-        pre_t = np.array([ctype.get(int(x)) for x in pre_seg], dtype=object)
-        post_t = np.array([ctype.get(int(x)) for x in post_seg], dtype=object)
+        maps = self._version_maps(v)
+        if maps is not None:
+            self._version_types(maps, v, system)
+        else:
+            frags = np.union1d(pre_f, post_f).tolist()
+            got: list[tuple] = []
+            if frags:
+                q = Sql(self.backend.dialect)
+                sys_filter = f" AND c.classification_system = {q.p(system)}" if system is not None else " AND FALSE"
+                got = self.backend.rows(
+                    f"WITH i AS (SELECT i.fragment_id, i.segment_id FROM id_map i WHERE {q.visible('i', v)} AND "
+                    f"{q.in_list('i.fragment_id', frags)}) SELECT i.fragment_id, i.segment_id, c.cell_type FROM i "
+                    f"LEFT JOIN (SELECT c.segment_id, c.cell_type FROM cell_types c WHERE {q.visible('c', v)}"
+                    f"{sys_filter} AND c.segment_id IN (SELECT segment_id FROM i)) c ON c.segment_id = i.segment_id",
+                    q.params)
+            maps = _VersionMaps(np.array([r[0] for r in got], np.int64), np.array([r[1] for r in got], np.int64))
+            maps.set_types(system, [r[1] for r in got if r[2] is not None], [r[2] for r in got if r[2] is not None])
+        pre_seg, post_seg = maps.segments(pre_f), maps.segments(post_f)
+        pre_t, post_t = maps.cell_types(pre_seg, system), maps.cell_types(post_seg, system)
         valid = (rows.column("valid").to_numpy(zero_copy_only=False).astype(bool) & (pre_seg != 0)
                  & (post_seg != 0) & (pre_seg != post_seg))
-        keep = np.ones(len(pre_seg), dtype=bool)
+        keep = valid.copy() if valid_only else np.ones(len(pre_seg), dtype=bool)
         if pre:
             keep &= np.isin(pre_seg, pre)
         if post:
@@ -487,15 +638,29 @@ class Connectome:
             keep &= np.isin(pre_t, pre_types)
         if post_types:
             keep &= np.isin(post_t, post_types)
-        if valid_only:
-            keep &= valid
-        cols = {"synapse_id": rows.column("synapse_id").to_numpy(), "pre_segment_id": pre_seg,
-                "post_segment_id": post_seg, "pre_cell_type": pre_t, "post_cell_type": post_t}
+        idx = np.flatnonzero(keep)
+        idx = idx[np.argsort(rows.column("synapse_id").to_numpy()[idx], kind="stable")]
+        return rows, pre_seg, post_seg, pre_t, post_t, valid, idx
+
+    def _synapses_two_step(self, v: int, *, limit: int | None = None, **kw) -> pd.DataFrame:
+        """Synapse rows (result columns and dtypes) by the two-step path; at most limit + 1 rows with a limit."""
+        rows, pre_seg, post_seg, pre_t, post_t, valid, idx = self._resolve_rows(v, **kw)
+        if limit is not None:
+            idx = idx[:limit + 1]
+        if len(idx) == rows.num_rows and bool(np.all(idx == np.arange(len(idx)))):
+            idx = slice(None)  # every row kept, already in synapse_id order (the clustered scan's order)
+            take = lambda col: col  # noqa: E731
+        else:
+            take = lambda col: col.take(idx)  # noqa: E731
+        cols = {"synapse_id": rows.column("synapse_id").to_numpy()[idx].astype(np.uint64),
+                "pre_segment_id": pre_seg[idx].astype(np.uint64), "post_segment_id": post_seg[idx].astype(np.uint64),
+                "pre_cell_type": pre_t[idx], "post_cell_type": post_t[idx]}
         for col in SYNAPSE_COLUMNS[5:]:
-            cols[col] = valid if col == "valid" else rows.column(col).to_numpy(zero_copy_only=False)
-        order = np.argsort(cols["synapse_id"][keep], kind="stable")
-        out = pd.DataFrame({k: a[keep][order] for k, a in cols.items()})
-        return typed(out)
+            if col == "valid":
+                cols[col] = valid[idx]
+            else:
+                cols[col] = _column(take(rows.column(col)), _target_dtype(col, False))
+        return pd.DataFrame(cols, copy=False)
 
     def synapses(self, pre=None, post=None, pre_type=None, post_type=None, bbox=None, min_score=None,
                  valid_only: bool = True, *, classification_system: str | None = None, version=None,
@@ -516,11 +681,17 @@ class Connectome:
         system = self._system(v, classification_system)
         self._check_types(v, pre_types, system, "pre_type")
         self._check_types(v, post_types, system, "post_type")
-        if self.backend.dialect == "duckdb" and (pre_ids or post_ids):
+        # DuckDB: explicit ids (a pruned scan of the clustered table), or a box when the version's maps are held
+        # in memory (the scan's rows are resolved by array lookups instead of joining id map and cell types);
+        # paged box queries stay in SQL, where ORDER BY ... LIMIT bounds the work.
+        two_step = bool(pre_ids or post_ids) or (
+            box is not None and limit is None and not pre_types and not post_types
+            and self._version_maps(v) is not None)
+        if self.backend.dialect == "duckdb" and two_step:
             df = self._synapses_two_step(v, pre=pre_ids, post=post_ids, pre_types=pre_types, post_types=post_types,
                                          bbox=box, min_score=score, valid_only=bool(valid_only), system=system,
-                                         after=cursor)
-            return _finish(df if limit is None else df.iloc[:limit + 1], v, limit, "synapse_id")
+                                         after=cursor, limit=limit)
+            return _finish(df, v, limit, "synapse_id", is_typed=True)
         q = Sql(self.backend.dialect)
         sql = self._synapse_select(q, v, pre=pre_ids, post=post_ids, pre_types=pre_types, post_types=post_types,
                                    bbox=box, min_score=score, valid_only=bool(valid_only), system=system,
@@ -546,14 +717,18 @@ class Connectome:
         kw = dict(pre=[seg], post=[]) if direction == "out" else dict(pre=[], post=[seg])
         partner, ptype = ("post_segment_id", "post_cell_type") if direction == "out" else ("pre_segment_id", "pre_cell_type")
         if self.backend.dialect == "duckdb":
-            syn = self._synapses_two_step(v, pre_types=[], post_types=[], bbox=None, min_score=None,
-                                          valid_only=bool(valid_only), system=system, after=None, **kw)
-            grouped = syn.groupby(partner, sort=False)
-            df = pd.DataFrame({"n_synapses": grouped.size(), "partner_cell_type": grouped[ptype].first()})
-            df = df.rename_axis("partner_id").reset_index()
-            df = df[df["n_synapses"] >= n_min].sort_values(["n_synapses", "partner_id"], ascending=[False, True])
-            df["partner_cell_type"] = df["partner_cell_type"].where(df["partner_cell_type"].notna(), None)
-            return _finish(df[["partner_id", "n_synapses", "partner_cell_type"]], v, None, None)
+            _, pre_seg, post_seg, pre_t, post_t, _, idx = self._resolve_rows(
+                v, pre_types=[], post_types=[], bbox=None, min_score=None, valid_only=bool(valid_only), system=system,
+                after=None, **kw)
+            seg_col, type_col = (post_seg, post_t) if direction == "out" else (pre_seg, pre_t)
+            ids, first, counts = np.unique(seg_col[idx], return_index=True, return_counts=True)
+            types = type_col[idx][first]
+            strong = counts >= n_min
+            ids, counts, types = ids[strong], counts[strong], types[strong]
+            order = np.lexsort((ids, -counts))
+            df = pd.DataFrame({"partner_id": ids[order].astype(np.uint64), "n_synapses": counts[order].astype(np.int64),
+                               "partner_cell_type": types[order].astype(object)}, copy=False)
+            return _finish(df, v, None, None, is_typed=True)
         q = Sql(self.backend.dialect)
         inner = self._synapse_select(q, v, pre_types=[], post_types=[], bbox=None, min_score=None,
                                      valid_only=bool(valid_only), system=system, after=None, **kw)
@@ -587,7 +762,15 @@ class Connectome:
         if valid_only:
             push.append("s.valid")
         where = ["TRUE"]
-        if valid_only:
+        # Autapses (both sides in one segment at v) are not valid synapses. DuckDB: counted out with an aggregate
+        # FILTER rather than a WHERE, which it would fold into the 10^7-row hash join as a non-equality
+        # condition at twice the join's cost (measured); groups left with no synapse are dropped by HAVING.
+        n_having = n_min
+        count = "count(*)"
+        if valid_only and self.backend.dialect == "duckdb":
+            count = "count(*) FILTER (WHERE m1.segment_id <> m2.segment_id)"
+            n_having = max(n_min, 1)
+        elif valid_only:
             where.append("m1.segment_id <> m2.segment_id")
         if id_list:
             where.append(q.in_list("m1.segment_id", id_list))
@@ -612,14 +795,16 @@ class Connectome:
         head = f"WITH {self._ctes(q, v, system)}, {tc}, {mt}"
         if group_by == "segment":
             sql = (f"{head} SELECT m1.segment_id AS pre_group, m2.segment_id AS "
-                   f"post_group, count(*) AS n {joins} {cond} GROUP BY 1, 2 HAVING count(*) >= {q.p(n_min)}")
+                   f"post_group, {count} AS n {joins} {cond} GROUP BY 1, 2 HAVING {count} >= {q.p(n_having)}")
         else:
             if n_min <= 1:
-                agg = f"SELECT m1.code AS pre_code, m2.code AS post_code, count(*) AS n {joins} {cond} GROUP BY 1, 2"
+                agg = f"SELECT m1.code AS pre_code, m2.code AS post_code, {count} AS n {joins} {cond} GROUP BY 1, 2"
+                if count != "count(*)":  # autapses filtered: drop groups left empty
+                    agg += f" HAVING {count} >= {q.p(n_having)}"
             else:
                 agg = (f"SELECT pre_code, post_code, sum(n) AS n FROM (SELECT m1.segment_id, m2.segment_id, "
-                       f"min(m1.code) AS pre_code, min(m2.code) AS post_code, count(*) AS n {joins} {cond} "
-                       f"GROUP BY m1.segment_id, m2.segment_id HAVING count(*) >= {q.p(n_min)}) e GROUP BY 1, 2")
+                       f"min(m1.code) AS pre_code, min(m2.code) AS post_code, {count} AS n {joins} {cond} "
+                       f"GROUP BY m1.segment_id, m2.segment_id HAVING {count} >= {q.p(n_having)}) e GROUP BY 1, 2")
             untyped = q.p(UNTYPED)
             if self.backend.dialect == "postgres":  # codes are the labels themselves (NULL = untyped)
                 sql = (f"{head}, a AS ({agg}) SELECT COALESCE(a.pre_code, {untyped}) AS pre_group, "

@@ -21,6 +21,12 @@ from storage.store import schema
 
 # Physical order of tables after a load (zone maps then prune row groups for lookups on the leading column).
 CLUSTER_ORDER = {"synapses": ("pre_fragment_id", "synapse_id"), "id_map": ("segment_id", "fragment_id")}
+# A second copy of the synapses in postsynaptic order, rebuilt whenever the synapses are clustered, so input-side
+# lookups (synapses(post=...), partners(direction="in")) prune row groups as presynaptic ones do (PostgreSQL has a
+# b-tree on post_fragment_id instead). store_meta[POST_COPY] = the latest version when it was built; readers use
+# it only when no committed version wrote synapses after that (see Connectome._post_copy).
+POST_COPY = "synapses_by_post"
+POST_ORDER = ("post_fragment_id", "synapse_id")
 
 _names = itertools.count()
 _generations: dict[str, int] = {}  # database path -> number of committed write transactions in this process
@@ -142,18 +148,29 @@ class DuckDBBackend:
         for stmt in schema.ddl("duckdb"):
             self._db.execute(stmt)
 
-    def cluster(self, table: str) -> None:
-        """Rewrite a table in its CLUSTER_ORDER so lookups on the leading column read one or two row groups.
+    def cluster(self, table: str, tx: _DuckTx | None = None) -> None:
+        """Rewrite a table in its CLUSTER_ORDER so lookups on the leading column read one or two row groups
+        (synapses: and rebuild their POST_COPY).
 
-        Same rows, new physical order, one transaction (readers keep seeing the old copy until it commits)."""
+        Same rows, new physical order, one transaction — ``tx`` when given (the caller's, e.g. the one that
+        commits the version), else its own; readers keep seeing the old tables until it commits."""
+        if tx is None:
+            with self.transaction() as own:
+                return self.cluster(table, own)
         order = ", ".join(CLUSTER_ORDER[table])
         tmp = f"{table}__clustered"
-        with self.transaction() as tx:
-            tx.execute(f"DROP TABLE IF EXISTS {tmp}")
-            tx.execute(schema.create_table_sql(schema.TABLES[table], "duckdb", tmp))
-            tx.execute(f"INSERT INTO {tmp} SELECT * FROM {table} ORDER BY {order}")
-            tx.execute(f"DROP TABLE {table}")
-            tx.execute(f"ALTER TABLE {tmp} RENAME TO {table}")
+        tx.execute(f"DROP TABLE IF EXISTS {tmp}")
+        tx.execute(schema.create_table_sql(schema.TABLES[table], "duckdb", tmp))
+        tx.execute(f"INSERT INTO {tmp} SELECT * FROM {table} ORDER BY {order}")
+        tx.execute(f"DROP TABLE {table}")
+        tx.execute(f"ALTER TABLE {tmp} RENAME TO {table}")
+        if table == "synapses":
+            tx.execute(f"DROP TABLE IF EXISTS {POST_COPY}")
+            tx.execute(schema.create_table_sql(schema.SYNAPSES, "duckdb", POST_COPY))
+            tx.execute(f"INSERT INTO {POST_COPY} SELECT * FROM synapses ORDER BY {', '.join(POST_ORDER)}")
+            tx.execute(f"DELETE FROM store_meta WHERE key = '{POST_COPY}'")
+            tx.execute(f"INSERT INTO store_meta (key, value) SELECT '{POST_COPY}', CAST(max(version) AS VARCHAR) "
+                       "FROM versions")
 
     def close(self) -> None:
         try:

@@ -187,14 +187,17 @@ class ConnectomeStore(Connectome):
         """Make a pending version readable (and the default for queries)."""
         if versions.status_of(self.backend, version) != "pending":
             raise ConnectomeError(f"cannot commit version {version}: it is {versions.status_of(self.backend, version)}")
+        wrote: set = set()
         if self.backend.dialect == "duckdb":
             wrote = set(self.backend.query("SELECT DISTINCT table_name FROM load_batches WHERE version = $v",
                                            {"v": int(version)})["table_name"])
-            if "synapses" in wrote:
-                self.backend.cluster("synapses")
-            if wrote & {"synapses", "id_map"}:
-                self.backend.cluster("id_map")
+        # DuckDB: the ordered rewrites and the status flip are one transaction, so no batch can slip in between
+        # (the copy in postsynaptic order is then exactly the committed rows) and a crash leaves both undone.
         with self.backend.transaction() as tx:
+            if "synapses" in wrote:
+                self.backend.cluster("synapses", tx)
+            if wrote & {"synapses", "id_map"}:
+                self.backend.cluster("id_map", tx)
             versions.commit(tx, version)
         if self.backend.dialect == "postgres":
             try:  # planner statistics only: the version is committed already, a lost connection here is no failure
