@@ -18,6 +18,12 @@ matches fragments of face neighbours in the central band of their overlap (`matc
 at least half an overlap away from their read-box border; seeds come from the image around the read box
 (`seed_context`) with position-based tie-breaking, in global order, and only within `seed_reach` of the write
 box (pipeline/stages/segment.py says why). `overlap` should be at least FOV radius + deltas of the model.
+Write-box voxels a block left at 0 (an object seeded only on the neighbour's side) take the neighbour's fragment
+there (`fill_holes`, in reconcile). Faces of a read box on the volume border are mirror-padded by the FOV radius
+(ffn.inference.segment_volumes) so border objects are segmented as in the one-block run. On the machinery test
+(hand-set grow model on EM whose membranes are the ground-truth boundaries) filling took 1 vs 2x2x2 blocks from
+VOI 0.30 to 0.04; with border padding 0.13, what remains being objects the one-block run itself splits because
+face-max movement misses forks (path dependence, not block handling).
 What this cannot fix is an FFN whose objects depend on where flooding starts. Measured 2026-11-29 on the test
 volume (synthetic seed 7, 32x128x128), one process, no blocks: packaged `synthetic_small` (8k steps) forward vs
 reverse seed order differ by VOI 4.1 (ARAND 0.69) and a 24x80x80 crop vs the full volume by VOI 3.3 on the
