@@ -6,9 +6,12 @@ architecture at random initialisation. Segments are split in two halves by segme
 split does not depend on anything the model saw); everything is fitted on the first half and scored on the other.
 
 1. Linear-probe macro-F1 of cell type (segment = mean of its node embeddings) with 1, 5, 20 and all labelled
-   segments per class, ``--draws`` random draws each: trained, random_init, hand_features (log size, skeleton
-   radius statistics, cable length, branchiness, mask moments), shuffled (trained features, permuted labels:
-   must sit at chance).
+   segments per class, ``--draws`` random draws each (the same draws for every method): trained, random_init,
+   hand_features (log size, skeleton radius statistics, cable length, branchiness, mask moments), shuffled
+   (trained features, permuted labels: must sit at chance); plus a separate row trained_plus_hand (the two feature
+   sets concatenated: what a user with both would fit; not the 'trained' figure). Every method gets the same
+   probe: features standardised with the probe-training statistics, class-balanced L2 (1e-1) multinomial
+   logistic regression; scored on the other half of the segments (macro-F1).
 2. Compartment (axon/dendrite/soma/glia) accuracy per node (linear, node embeddings aggregated over 1 um).
 3. Node-level cell-type accuracy against the aggregation radius R (PNG: benchmarks/segclr_accuracy_vs_radius.png).
 4. OOD: each cell type held out in turn from a linear classifier; AUROC of the Mahalanobis score of held-out-type
@@ -158,7 +161,10 @@ def segment_means(x_nodes: np.ndarray, node_seg: np.ndarray, n_seg: int) -> np.n
     return out / np.bincount(node_seg, minlength=n_seg)[:, None]
 
 
-def probe_f1(x, y, train_mask, n_per_class, draws, rng, shuffle=False) -> tuple[float, float]:
+def probe_f1(x, y, train_mask, n_per_class, draws, seed, shuffle=False) -> tuple[float, float]:
+    """(mean, sd) of macro-F1 over ``draws`` draws of ``n_per_class`` probe-training segments per class. The
+    draws depend on ``seed`` only, so every method is scored on the very same labelled subsets."""
+    rng = np.random.default_rng(seed)
     classes = sorted(set(y.tolist()))
     test = ~train_mask
     scores = []
@@ -186,12 +192,13 @@ def probe_f1(x, y, train_mask, n_per_class, draws, rng, shuffle=False) -> tuple[
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="segclr_synth_small", help="trained SegCLR model (name or folder)")
-    ap.add_argument("--seeds", default="101,102,103,104", help="synthetic seeds of the evaluation volumes (never trained on)")
+    ap.add_argument("--seeds", default="101,102,103,104,105,106,107,108",
+                    help="synthetic seeds of the evaluation volumes (never trained on; segclr_synth_small: 1-5,7-12 train, 6,201 validation)")
     ap.add_argument("--shape-xyz", default="512,512,96", help="size of each eval volume (scale-0 voxels, XYZ)")
     ap.add_argument("--cache-dir", default=None, help="keep generated eval volumes here (.npz) for reruns")
     ap.add_argument("--spacing-nm", type=float, default=400.0)
     ap.add_argument("--min-nodes", type=int, default=3)
-    ap.add_argument("--draws", type=int, default=10)
+    ap.add_argument("--draws", type=int, default=20, help="random labelled subsets per (method, n)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--plot", default=str(PLOT))
     args = ap.parse_args(argv)
@@ -224,14 +231,16 @@ def main(argv=None) -> int:
 
     feats = {name: segment_means(nodes["emb"][name], nodes["seg"], n_seg) for name in models}
     feats["hand_features"] = segs["hand"]
-    rng = np.random.default_rng(0)
+    feats["trained_plus_hand"] = np.concatenate([feats["trained"], segs["hand"]], 1)
     probe = {}
     for n in (1, 5, 20, None):
         key = "all" if n is None else str(n)
+        seed = 1000 + (0 if n is None else n)
         probe[key] = {}
         for name in ("trained", "random_init", "hand_features"):
-            probe[key][name] = probe_f1(feats[name], y, train_mask, n, args.draws, rng)
-        probe[key]["shuffled"] = probe_f1(feats["trained"], y, train_mask, n, args.draws, rng, shuffle=True)
+            probe[key][name] = probe_f1(feats[name], y, train_mask, n, args.draws, seed)
+        probe[key]["shuffled"] = probe_f1(feats["trained"], y, train_mask, n, args.draws, seed, shuffle=True)
+        probe[key]["trained_plus_hand"] = probe_f1(feats["trained_plus_hand"], y, train_mask, n, args.draws, seed)
     log("linear-probe macro-F1 (mean, sd over draws):")
     for key, row in probe.items():
         log(f"  {key:>3} labels/class: " + "  ".join(f"{k} {v[0]:.3f}+-{v[1]:.3f}" for k, v in row.items()))
@@ -339,7 +348,10 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "segclr_quality",
         "model": str(args.model),
-        "linear_probe_f1_at_5": {k: round(v[0], 4) for k, v in f5.items()},
+        "linear_probe_f1_at_5": {k: round(f5[k][0], 4) for k in ("trained", "random_init", "hand_features", "shuffled")},
+        "linear_probe_f1_at_5_sd": {k: round(v[1], 4) for k, v in f5.items()},
+        "trained_plus_hand_f1_at_5": round(f5["trained_plus_hand"][0], 4),
+        "draws": args.draws,
         "linear_probe_f1": {k: {n: round(v[0], 4) for n, v in row.items()} for k, row in probe.items()},
         "compartment_accuracy": round(compartment["trained"]["accuracy"], 4),
         "compartment": compartment,

@@ -103,6 +103,48 @@ def augment(cutouts: np.ndarray, rng: np.random.Generator, channels: Sequence[st
     return out
 
 
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3x3 rotation (from a random unit quaternion), acting on (Z, Y, X) vectors."""
+    q = rng.normal(size=4)
+    w, a, b, c = q / np.linalg.norm(q)  # vector part on the (Z, Y, X) axes
+    return np.array([[1 - 2 * (b * b + c * c), 2 * (a * b - c * w), 2 * (a * c + b * w)],
+                     [2 * (a * b + c * w), 1 - 2 * (a * a + c * c), 2 * (b * c - a * w)],
+                     [2 * (a * c - b * w), 2 * (b * c + a * w), 1 - 2 * (a * a + b * b)]])
+
+
+def rotated_cutouts(region: ScaledRegion, xyz_nm: np.ndarray, segment_ids: np.ndarray, size_zyx: Sequence[int],
+                    channels: Sequence[str], rng: np.random.Generator, jitter: np.ndarray | None = None) -> np.ndarray:
+    """Like ``region.cutouts`` but each cutout is turned by a uniformly random 3D rotation about its centre (in nm,
+    so anisotropic voxels stay right), sampled nearest-neighbour straight from the region (so ``masked_em`` and
+    ``mask`` stay consistent; outside the region is 0). The identity rotation gives ``region.cutouts`` exactly.
+
+    Why: flips and axis permutations leave a neurite's direction (up to 48 symmetries) as a cue that tells two
+    nearby nodes of one segment from other segments; a contrastive model can win on it without learning the shape
+    (calibre, spines, varicosities, sheets) that cell types differ by. Random rotations take that shortcut away."""
+    size = np.asarray(size_zyx, np.int64)
+    vs = np.asarray(region.voxel_size_nm, np.float64)[::-1] * np.asarray(region.downsample, np.float64)  # ZYX nm
+    centres = region.nm_to_index(xyz_nm)
+    if jitter is not None:
+        centres = centres + np.asarray(jitter, np.int64)
+    grid = np.stack(np.meshgrid(*[np.arange(n) - n // 2 for n in size], indexing="ij"), -1).reshape(-1, 3)
+    shape = np.asarray(region.em.shape)
+    ids = np.asarray(segment_ids, np.uint64)
+    out = np.empty((len(centres), *size, len(channels)), np.float32)
+    for i, c in enumerate(centres):
+        m = (random_rotation(rng) * vs[None, :]) / vs[:, None]  # diag(1/vs) R diag(vs): output -> input voxels
+        src = np.rint(grid @ m.T).astype(np.int64) + c
+        inside = np.all((src >= 0) & (src < shape), 1)
+        s_in = tuple(src[inside].T)
+        em_c = np.zeros(len(grid), np.float32)
+        mask = np.zeros(len(grid), bool)
+        em_c[inside] = region.em[s_in] * np.float32(1.0 / 255.0)
+        mask[inside] = region.seg[s_in] == ids[i]
+        for k, ch in enumerate(channels):
+            v = np.where(mask, em_c, 0) if ch == "masked_em" else mask if ch == "mask" else em_c
+            out[i, ..., k] = v.reshape(tuple(size))
+    return out
+
+
 # ---- data -------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -117,13 +159,15 @@ class PairBatcher:
     """Draws B positive pairs from one or more volumes and returns the two augmented views (B, Z, Y, X, C) each."""
 
     def __init__(self, volumes: Sequence[TrainingVolume], cutout_size: Sequence[int], channels: Sequence[str],
-                 max_distance_nm: float, jitter_vx: int = 2, intensity: float = 0.25):
+                 max_distance_nm: float, jitter_vx: int = 2, intensity: float = 0.25,
+                 min_distance_nm: float = 0.0, rotate: bool = False):
         self.volumes = list(volumes)
-        self.samplers = [PairSampler(v.skeletons, max_distance_nm) for v in self.volumes]
+        self.samplers = [PairSampler(v.skeletons, max_distance_nm, min_distance_nm) for v in self.volumes]
         self.cutout_size = tuple(int(s) for s in cutout_size)
         self.channels = tuple(channels)
         self.jitter_vx = int(jitter_vx)
         self.intensity = float(intensity)
+        self.rotate = bool(rotate)
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray, list]:
         which = rng.integers(len(self.volumes), size=batch_size)
@@ -139,7 +183,10 @@ class PairBatcher:
                 xyz = np.stack([vol.skeletons[p.segment_id].vertices[getattr(p, which_node)] for p in ps])
                 sids = np.array([p.segment_id for p in ps], np.uint64)
                 jit = rng.integers(-self.jitter_vx, self.jitter_vx + 1, size=(k, 3)) if self.jitter_vx else None
-                c = vol.region.cutouts(xyz, sids, self.cutout_size, self.channels, jitter=jit)
+                if self.rotate:
+                    c = rotated_cutouts(vol.region, xyz, sids, self.cutout_size, self.channels, rng, jitter=jit)
+                else:
+                    c = vol.region.cutouts(xyz, sids, self.cutout_size, self.channels, jitter=jit)
                 views.append(augment(c, rng, self.channels, self.intensity))
         return np.concatenate(views1), np.concatenate(views2), pairs
 
@@ -157,13 +204,17 @@ class TrainConfig:
     weight_decay: float = 1e-5
     temperature: float = 0.1
     max_pair_distance_nm: float = 3000.0
+    min_pair_distance_nm: float = 0.0  # > 0: the two views of a pair are at least this far apart on the skeleton
     jitter_vx: int = 2
+    rotate: bool = False  # random 3D rotations of every view (rotated_cutouts), on top of flips/permutations
     intensity_augment: float = 0.25
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
     threads: int = 1
     max_wall_s: float = 0.0  # 0 = no limit; otherwise stop (after a checkpoint) once exceeded
+    init_from: str = ""  # warm start: a checkpoint dir or model folder whose encoder (+ projection) weights seed a
+    #                      NEW run (step 0, fresh optimizer); ignored when the workdir has a checkpoint to resume
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -261,6 +312,20 @@ class Trainer:
             var.assign(val)
         self.step = int(state["step"])
         return True
+
+    def init_weights_from(self, path: str | os.PathLike) -> None:
+        """Warm start: load encoder weights (and the projection head's, when present) from a checkpoint dir or a
+        model folder of the same architecture; the step counter and the optimizer start afresh."""
+        d = Path(path)
+        enc = d / "encoder.weights.h5"
+        if not enc.is_file():
+            raise ConnectomeError(f"training init_from {d}: no encoder.weights.h5 there")
+        try:
+            self.encoder.load_weights(str(enc))
+            if (d / "projection.weights.h5").is_file():
+                self.projection.load_weights(str(d / "projection.weights.h5"))
+        except ValueError as exc:
+            raise ConnectomeError(f"training init_from {d}: weights do not fit this model config ({exc})") from None
 
 
 def train(trainer: Trainer, batcher: PairBatcher, *, log_path: str | os.PathLike | None = None,
@@ -404,11 +469,16 @@ def train_from_config(config_path_or_dict: str | os.PathLike | dict) -> dict[str
         volumes.append(load_training_volume(raw, seg, model_cfg.downsample, box_xyz=d.get("box_xyz"),
                                             dust_threshold=int(d.get("dust_threshold", 50))))
     batcher = PairBatcher(volumes, model_cfg.cutout_size, model_cfg.channels, tcfg.max_pair_distance_nm,
-                          jitter_vx=tcfg.jitter_vx, intensity=tcfg.intensity_augment)
+                          jitter_vx=tcfg.jitter_vx, intensity=tcfg.intensity_augment,
+                          min_distance_nm=tcfg.min_pair_distance_nm, rotate=tcfg.rotate)
     trainer = Trainer(model_cfg, tcfg, workdir)
     resumed = trainer.restore_checkpoint()
     if resumed:
         print(f"resumed from {trainer.checkpoint_dir} at step {trainer.step}", flush=True)
+    elif tcfg.init_from:
+        init = Path(tcfg.init_from) if "://" in tcfg.init_from else (base / tcfg.init_from).resolve()
+        trainer.init_weights_from(init)
+        print(f"warm start from {init}", flush=True)
     t0 = time.time()
     records = train(trainer, batcher)
     wall = time.time() - t0

@@ -20,6 +20,7 @@ from segclr.ood import auroc  # noqa: E402
 from segclr.pairs import PairSampler  # noqa: E402
 from segclr.skeletons import Skeleton  # noqa: E402
 from segclr.training import augment, ntxent_numpy, std_x_sqrtd  # noqa: E402
+from storage.errors import ConnectomeError  # noqa: E402
 
 
 def _path_skeleton(n: int, spacing: float = 1000.0) -> Skeleton:
@@ -227,3 +228,64 @@ def test_train_from_config_checkpoints_and_resumes(tmp_path):
     assert second["resumed"] and second["steps"] == 5
     encoder, cfg = load_model(tmp_path / "model")
     assert cfg.metadata["figures"]["steps"] == 5 and cfg.cutout_size == (9, 9, 9)
+
+    # warm start: a new workdir seeded from the last checkpoint starts at step 0 with those weights, and pairs
+    # respect min_pair_distance_nm
+    import keras
+
+    warm = dict(config, workdir=str(tmp_path / "work_warm"), output=str(tmp_path / "model_warm"))
+    warm["training"] = dict(config["training"], steps=0, init_from=str(tmp_path / "work" / "checkpoint"),
+                            min_pair_distance_nm=100.0)
+    third = train_from_config(warm)
+    assert third["steps"] == 0 and not third["resumed"]
+    warm_encoder, _ = load_model(tmp_path / "model_warm")
+    for a, b in zip(encoder.get_weights(), warm_encoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    fresh = dict(warm, workdir=str(tmp_path / "work_fresh"), output=str(tmp_path / "model_fresh"))
+    fresh["training"] = dict(warm["training"], init_from="")
+    keras.utils.set_random_seed(1)
+    train_from_config(fresh)
+    fresh_encoder, _ = load_model(tmp_path / "model_fresh")
+    assert any(not np.array_equal(a, b) for a, b in zip(encoder.get_weights(), fresh_encoder.get_weights()))
+    bad = dict(warm, workdir=str(tmp_path / "work_bad"))
+    bad["training"] = dict(warm["training"], init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(ConnectomeError, match="init_from"):
+        train_from_config(bad)
+
+
+def test_pair_sampler_min_distance():
+    sampler = PairSampler({7: _path_skeleton(20)}, max_distance_nm=5000.0, min_distance_nm=1000.0)
+    pairs = sampler.sample(np.random.default_rng(0), 200)
+    assert min(p.distance_nm for p in pairs) >= 1000.0 and max(p.distance_nm for p in pairs) <= 5000.0
+
+
+def test_rotated_cutouts_identity_and_quarter_turn():
+    from segclr.cutouts import ScaledRegion
+    from segclr.training import rotated_cutouts
+
+    seg = np.zeros((40, 60, 60), np.uint64)
+    seg[18:23, 28:33, 5:55] = 5  # a bar along X through the centre
+    em = np.full(seg.shape, 200, np.uint8)
+    region = ScaledRegion(em, seg, (0, 0, 0), (10.0, 10.0, 20.0), (1, 1, 1))  # anisotropic: Z voxels 2x larger
+    xyz = np.array([[300.0, 300.0, 400.0]])
+
+    class FixedQuat:
+        def __init__(self, q):
+            self.q = np.asarray(q, float)
+
+        def normal(self, size):
+            return self.q
+
+    plain = region.cutouts(xyz, np.array([5], np.uint64), (9, 15, 15), ("masked_em", "mask"))
+    same = rotated_cutouts(region, xyz, np.array([5], np.uint64), (9, 15, 15), ("masked_em", "mask"),
+                           FixedQuat([1, 0, 0, 0]))
+    np.testing.assert_array_equal(plain, same)
+    # 90 degrees about Z: the bar now runs along Y
+    s = np.sqrt(0.5)
+    turned = rotated_cutouts(region, xyz, np.array([5], np.uint64), (9, 15, 15), ("masked_em", "mask"),
+                             FixedQuat([s, s, 0, 0]))[0, ..., 1]  # quaternion (w, z, y, x): about Z
+    assert turned[4, :, 7].all() and turned[4, 7, :].sum() < 8
+    # about Y (tilting X into Z): the bar spans the Z extent, which holds half as many voxels per nm
+    tilted = rotated_cutouts(region, xyz, np.array([5], np.uint64), (9, 15, 15), ("masked_em", "mask"),
+                             FixedQuat([s, 0, s, 0]))[0, ..., 1]
+    assert tilted[:, 7, 7].all() and tilted[4, 7, :].sum() <= 11  # its 100 nm Z thickness now lies along X
