@@ -30,6 +30,7 @@ class TrainingVolume:
     post: np.ndarray
     polarity: bool = True
     name: str = ""
+    weight: float = 1.0  # relative probability of drawing a patch from this volume
 
 
 def polarity_targets(segmentation: np.ndarray, clefts: np.ndarray, pre_of: dict[int, int], post_of: dict[int, int],
@@ -53,7 +54,7 @@ def polarity_targets(segmentation: np.ndarray, clefts: np.ndarray, pre_of: dict[
 
 
 def sample_patch(volume: TrainingVolume, shape: tuple[int, int, int], rng: np.random.Generator,
-                 positive_fraction: float = 0.5):
+                 positive_fraction: float = 0.5, section_jump_probability: float = 0.1):
     """A random patch (image, targets (3,...), channel weights (3,)), half of them centred on a cleft voxel."""
     dims = np.array(volume.image.shape)
     shape_a = np.minimum(np.array(shape), dims)
@@ -76,14 +77,24 @@ def sample_patch(volume: TrainingVolume, shape: tuple[int, int, int], rng: np.ra
         image = np.swapaxes(image, 1, 2)
         targets = np.swapaxes(targets, 2, 3)
     gain = rng.uniform(0.85, 1.15)
-    image = np.clip((image.astype(np.float32) - 128) * gain + 128 + rng.normal(0, 6), 0, 255)
+    image = (image.astype(np.float32) - 128) * gain + 128 + rng.normal(0, 6)
+    # per-section brightness jumps, as ssTEM sections (and the synthetic generator) have them
+    jump = rng.random(image.shape[0]) < section_jump_probability
+    if jump.any():
+        image[jump] = image[jump] * rng.uniform(0.75, 1.25, (int(jump.sum()), 1, 1)) + rng.uniform(
+            -15.0, 15.0, (int(jump.sum()), 1, 1))
+    image = np.clip(image, 0, 255)
     return np.ascontiguousarray(image), np.ascontiguousarray(targets), weights
 
 
 def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: str | Path, *, steps: int = 2000,
           batch_size: int = 4, patch_shape: tuple[int, int, int] = (24, 64, 64), learning_rate: float = 1e-3,
-          cleft_pos_weight: float = 8.0, checkpoint_every: int = 250, seed: int = 0, log_every: int = 25) -> Path:
-    """Adam on weighted sigmoid cross-entropy; checkpoints (and resumes) in out_dir/checkpoint."""
+          cleft_pos_weight: float = 8.0, checkpoint_every: int = 250, seed: int = 0, log_every: int = 25,
+          final_lr_fraction: float = 1.0) -> Path:
+    """Adam on weighted sigmoid cross-entropy; checkpoints (and resumes) in out_dir/checkpoint.
+
+    The learning rate follows a cosine from `learning_rate` at step 0 to `final_lr_fraction` of it at `steps`
+    (1.0 = constant); it is a function of the step, so a resumed run continues the same schedule."""
     import keras
     import tensorflow as tf
 
@@ -100,6 +111,13 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
         start_step = json.loads(state_file.read_text())["step"]
         model.load_weights(ckpt_dir / "model.weights.h5")
     rng = np.random.default_rng(seed + start_step)
+    p_volume = np.array([v.weight for v in volumes], float)
+    p_volume /= p_volume.sum()
+
+    def lr_at(step: int) -> float:
+        cos = 0.5 * (1.0 + np.cos(np.pi * min(step / max(steps, 1), 1.0)))
+        return learning_rate * (final_lr_fraction + (1.0 - final_lr_fraction) * cos)
+
     pos_w = tf.constant([cleft_pos_weight, 2.0, 2.0], tf.float32)
 
     @tf.function(reduce_retracing=True)
@@ -121,7 +139,10 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
         if new_log:
             writer.writerow(["step", "loss", "cleft_precision", "cleft_recall", "seconds"])
         for step in range(start_step, steps):
-            batch = [sample_patch(volumes[rng.integers(len(volumes))], patch_shape, rng) for _ in range(batch_size)]
+            if final_lr_fraction != 1.0:
+                optimizer.learning_rate.assign(lr_at(step))
+            batch = [sample_patch(volumes[rng.choice(len(volumes), p=p_volume)], patch_shape, rng)
+                     for _ in range(batch_size)]
             x = np.concatenate([normalize(b[0], config) for b in batch])
             y = np.stack([b[1] for b in batch])
             w = np.stack([b[2] for b in batch])
@@ -141,8 +162,13 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
 
 # ---- data sources -------------------------------------------------------------------------------------------------
 
-def synthetic_volume(seed: int, shape_zyx: tuple[int, int, int], radius_nm: float = 80.0) -> TrainingVolume:
-    """A generated volume with cleft, pre and post targets from the generator's ground truth."""
+def synthetic_volume(seed: int, shape_zyx: tuple[int, int, int], radius_nm: float = 80.0,
+                     cleft_dilation_nm: float = 0.0) -> TrainingVolume:
+    """A generated volume with cleft, pre and post targets from the generator's ground truth.
+
+    `cleft_dilation_nm` widens the cleft target in-plane: the generator's cleft is the +-18 nm slab of the contact
+    plane, two pixels either side at 8 nm, while what the image shows is the dark postsynaptic density and the
+    presynaptic density around it; a target covering them is easier to learn and gives the same centroid."""
     from pipeline.synthetic import SynthParams, generate_block
     from storage.box import Box
 
@@ -153,6 +179,11 @@ def synthetic_volume(seed: int, shape_zyx: tuple[int, int, int], radius_nm: floa
     post_of = dict(zip(table["synapse_id"].astype(int), table["post_segment_id"].astype(int)))
     radius = tuple(radius_nm / v for v in params.voxel_size_zyx)
     cleft, pre, post = polarity_targets(arrays["gt"], arrays["clefts"], pre_of, post_of, radius)
+    r = int(round(cleft_dilation_nm / params.voxel_size_zyx[1]))
+    if r > 0:
+        yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+        disc = (yy ** 2 + xx ** 2 <= r * r)[None]
+        cleft = ndi.binary_dilation(cleft > 0, structure=disc).astype(np.uint8)
     return TrainingVolume(arrays["raw"], cleft, pre, post, polarity=True, name=f"synthetic-{seed}")
 
 
@@ -188,8 +219,9 @@ def isbi_volume(folder: str | Path, sections: range) -> TrainingVolume:
 
 
 def train_from_config(config: dict) -> Path:
-    """`connectome train synapses CONFIG`: {"out", "steps", "batch_size", "patch_shape_zyx", "model": {...},
-    "data": [{"synthetic": {"seed", "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}."""
+    """`connectome train synapses CONFIG`: {"out", "steps", "batch_size", "patch_shape_zyx", "learning_rate",
+    "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed", "shape_zyx"}} |
+    {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative patch-sampling frequency)."""
     from storage.errors import ConfigError
 
     try:
@@ -198,12 +230,17 @@ def train_from_config(config: dict) -> Path:
         for i, entry in enumerate(config["data"]):
             if "synthetic" in entry:
                 d = entry["synthetic"]
-                volumes.append(synthetic_volume(int(d["seed"]), tuple(d["shape_zyx"])))
+                volumes.append(synthetic_volume(int(d["seed"]), tuple(d["shape_zyx"]),
+                                                cleft_dilation_nm=float(d.get("cleft_dilation_nm", 0.0))))
             elif "isbi" in entry:
                 d = entry["isbi"]
                 volumes.append(isbi_volume(d["folder"], range(int(d["first"]), int(d["stop"]))))
             else:
                 raise ConfigError(f"synapse training config: data[{i}] must have 'synthetic' or 'isbi', got {entry}")
+            weight = float(entry.get("weight", 1.0))
+            if not weight > 0:
+                raise ConfigError(f"synapse training config: data[{i}] weight must be > 0, got {weight}")
+            volumes[-1].weight = weight
         out = Path(config["out"])
     except KeyError as exc:
         raise ConfigError(f"synapse training config: missing field {exc}") from None
@@ -211,4 +248,6 @@ def train_from_config(config: dict) -> Path:
     return train(volumes, model_config, out, steps=int(config.get("steps", 2000)),
                  batch_size=int(config.get("batch_size", 4)),
                  patch_shape=tuple(config.get("patch_shape_zyx", (24, 64, 64))),
-                 learning_rate=float(config.get("learning_rate", 1e-3)))
+                 learning_rate=float(config.get("learning_rate", 1e-3)),
+                 final_lr_fraction=float(config.get("final_lr_fraction", 1.0)),
+                 seed=int(config.get("seed", 0)))

@@ -54,6 +54,34 @@ def test_partner_assignment_follows_polarity_and_fragments():
     assert (row.pre_segment_id, row.post_segment_id) == (2, 1)
 
 
+def test_touching_clefts_split_per_partner_pair():
+    """One bouton (1) contacting two dendrites (2 above, 3 below) across one continuous cleft: two synapses."""
+    seg = np.zeros((5, 30, 20), np.uint64)
+    seg[:, :, :10] = 1
+    seg[:, :15, 10:] = 2
+    seg[:, 15:, 10:] = 3
+    probs = np.zeros((3,) + seg.shape, np.float32)
+    probs[0][1:4, 4:26, 9:11] = 0.9          # one thresholded component spanning both contacts
+    probs[1][:, 4:26, 5:10] = 0.8            # presynaptic side: the bouton
+    probs[2][:, 4:26, 10:15] = 0.8           # postsynaptic side: both dendrites
+    for votes in (True, False):  # partners by the voxels' votes or by probability mass around each piece
+        params = DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40, partner_votes=votes)
+        df = detect(probs, seg, VOXEL, params)
+        assert sorted(zip(df.pre_segment_id, df.post_segment_id)) == [(1, 2), (1, 3)], votes
+        assert df.size_voxels.sum() == (probs[0] > 0.5).sum()
+    params = DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40, partner_votes=True)
+    merged = detect(probs, seg, VOXEL, DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40,
+                                                       split_partners=False))
+    assert len(merged) == 1, "without the split the two contacts are one component"
+    # label noise: a few cleft voxels that see a third segment stay with their synapse instead of becoming one
+    probs[2][2, 20, 10] = 0.0
+    seg2 = seg.copy()
+    seg2[2, 20, 11] = 4
+    probs[2][2, 20, 11] = 0.9
+    df = detect(probs, seg2, VOXEL, params)
+    assert sorted(zip(df.pre_segment_id, df.post_segment_id)) == [(1, 2), (1, 3)]
+
+
 def test_merge_duplicates_and_validity():
     df = pd.DataFrame({
         "z": [1.0, 1.0, 3.0], "y": [5.0, 7.0, 30.0], "x": [5.0, 5.0, 30.0],
@@ -108,6 +136,60 @@ def test_model_save_load_and_training_resume(tmp_path):
     train([vol], config, tmp_path / "t", steps=6, batch_size=2, patch_shape=(5, 16, 16), checkpoint_every=2,
           log_every=2)
     assert pd.read_csv(tmp_path / "t" / "train_log.csv")["step"].tolist() == [2, 4, 6]
+
+
+def test_unet_detector_any_shape_and_config(tmp_path):
+    from pipeline.synapse_model import SynapseModelConfig, build_model, load_model, predict, save_model
+    from storage.errors import ConfigError
+
+    config = SynapseModelConfig(arch="unet", features=2, levels=2)
+    model = build_model(config)
+    image = np.random.default_rng(1).integers(0, 255, (3, 18, 22)).astype(np.uint8)
+    p = predict(model, config, image)  # 18 x 22 does not pool evenly twice: padded, then cropped back
+    assert p.shape == (3, 3, 18, 22) and np.isfinite(p).all()
+    # the crop keeps voxels aligned: a prediction on the padded-size array agrees away from the padded edge
+    big = np.pad(image, ((0, 0), (0, 2), (0, 2)), mode="reflect")
+    np.testing.assert_allclose(predict(model, config, big)[:, :, :10, :10], p[:, :, :10, :10], atol=1e-5)
+    loaded_model, loaded = load_model(save_model(model, config, tmp_path / "u"))
+    assert loaded == config
+    np.testing.assert_allclose(predict(loaded_model, loaded, image), p, atol=1e-6)
+    # configs written before `arch` existed load as the dilated stack
+    assert SynapseModelConfig.from_json_dict({"features": 4}).arch == "dilated"
+    with pytest.raises(ConfigError, match="arch"):
+        SynapseModelConfig(arch="resnet")
+
+
+def test_train_from_config_unet_with_widened_clefts(tmp_path):
+    from pipeline.synapse_training import synthetic_volume, train_from_config
+    from storage.errors import ConfigError
+
+    narrow = synthetic_volume(301, (16, 96, 96))
+    wide = synthetic_volume(301, (16, 96, 96), cleft_dilation_nm=16.0)
+    assert narrow.cleft.any() and wide.cleft.sum() > 1.5 * narrow.cleft.sum()
+    assert (wide.cleft >= narrow.cleft).all(), "widening only adds target voxels"
+    assert (wide.cleft.any(axis=(1, 2)) == narrow.cleft.any(axis=(1, 2))).all(), "in-plane only"
+    config = {"out": str(tmp_path / "s"), "steps": 2, "batch_size": 1, "patch_shape_zyx": [4, 16, 16],
+              "final_lr_fraction": 0.1, "model": {"arch": "unet", "features": 2, "levels": 1},
+              "data": [{"synthetic": {"seed": 301, "shape_zyx": [8, 64, 64], "cleft_dilation_nm": 16.0},
+                        "weight": 2.0}]}
+    out = train_from_config(config)
+    assert (out / "model.weights.h5").is_file()
+    config["data"][0]["weight"] = 0
+    with pytest.raises(ConfigError, match="weight"):
+        train_from_config(config)
+
+
+def test_equalize_sections_undoes_a_brightness_jump():
+    from pipeline.synapse_model import equalize_sections
+
+    rng = np.random.default_rng(2)
+    image = np.clip(rng.normal(150, 30, (7, 40, 40)), 0, 255)
+    jumped = image.copy()
+    jumped[3] = jumped[3] * 0.75 - 12  # one dark, low-contrast section
+    out = equalize_sections(jumped.astype(np.uint8))
+    assert abs(out[3].mean() - image[3].mean()) < 3 and abs(out[3].std() - image[3].std()) < 3
+    assert np.abs(out[[0, 1, 5]] - image[[0, 1, 5]].astype(np.uint8)).mean() < 2, "ordinary sections stay put"
+    assert abs(jumped[3].mean() - image[3].mean()) > 40
 
 
 def test_isbi_sections_load(shared_data):

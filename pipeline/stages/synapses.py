@@ -2,8 +2,13 @@
 
 A block predicts over its read box (write box + the network's receptive-field halo + the largest cleft we expect),
 labels cleft components with cc3d and keeps a component only if its centroid lies in the block's write box, so a
-cleft is reported by exactly one block. Partners come from the segmentation around the cleft: the segment holding
-the most presynaptic probability within `partner_radius` of the cleft is pre, the one with the most postsynaptic
+cleft is reported by exactly one block. Partners come from the segmentation around the cleft: each cleft voxel
+votes for the segment of its nearest presynaptic-side voxel and of its nearest postsynaptic-side voxel (side
+probability >= 0.5 and above the other side's, within `partner_radius`); a component is split into the connected
+pieces of one (pre, post) pair, because touching clefts of neighbouring synapses (one bouton on two dendrites,
+boutons in a row on one dendrite) threshold into one component; each piece takes the pair most of its voxels vote
+for. A component without votes falls back to probability mass: the segment holding the most presynaptic over
+postsynaptic probability within `partner_radius` of the cleft is pre, the one with the most postsynaptic
 probability (other than pre) is post. Detections that end up closer than `merge_distance_nm` with the same
 partners are merged on the driver (a cleft split into two components is one synapse). Autapses and partner 0 are
 kept in the table but marked invalid, so the valid view excludes them without losing evidence.
@@ -28,10 +33,17 @@ _MODEL_CACHE: dict = {}
 
 @dataclass(frozen=True)
 class DetectionParams:
-    threshold: float = 0.5
+    """Defaults chosen for the packaged `synapses_small` on validation volumes (synthetic seeds 301-304, never the
+    benchmark's held-out 201-202); see pipeline/models/synapses_small/TRAINING.md."""
+
+    threshold: float = 0.9
     min_size: int = 20
     partner_radius_nm: float = 160.0
     merge_distance_nm: float = 150.0
+    split_partners: bool = True    # cut components per (pre, post) pair of nearest side voxels
+    side_threshold: float = 0.5
+    partner_votes: bool = False    # pre/post by the voxels' votes (exact with clean polarity; the packaged model's
+                                   # polarity is noisy, and probability mass around each piece does better with it)
 
 
 def _model(model_dir: str):
@@ -44,8 +56,13 @@ def _model(model_dir: str):
 
 def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.ndarray,
                     voxel_size_zyx: tuple[float, float, float], radius_nm: float,
-                    fragments: np.ndarray | None = None) -> pd.DataFrame:
+                    fragments: np.ndarray | None = None,
+                    sides: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
     """One row per component: centroid (voxels, zyx), size, score, pre/post segment ids and positions.
+
+    With `sides` (per-voxel nearest pre-side and post-side segment, from `side_labels`), pre and post are the
+    segments most of the component's voxels vote for; a component with no vote on a side falls back to the
+    probability-mass rule below.
 
     With `fragments` (the pre-agglomeration supervoxels), each side also gets the fragment of its segment that
     carries the most of that side's probability, so a later proofreading split re-attributes the synapse."""
@@ -76,6 +93,18 @@ def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.
             post_score[pre_idx] = -np.inf
             if len(ids) > 1:
                 post_id = int(ids[int(np.argmax(post_score))])
+        if sides is not None:
+            votes_pre, votes_post = sides[0][outer][comp], sides[1][outer][comp]
+            vp, vq = votes_pre[votes_pre != 0], votes_post[votes_post != 0]
+            if len(vp):
+                u, c = np.unique(vp, return_counts=True)
+                pre_id = int(u[np.argmax(c)])
+            vq = vq[vq != pre_id]
+            if len(vq):
+                u, c = np.unique(vq, return_counts=True)
+                post_id = int(u[np.argmax(c)])
+            elif pre_id == post_id:
+                post_id = 0
         coords = np.argwhere(comp) + [s.start for s in outer]
         centroid = coords.mean(axis=0)
 
@@ -107,14 +136,72 @@ def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.
     return pd.DataFrame(rows)
 
 
+def side_labels(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, radius_nm: float,
+                threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel, the segment of the nearest presynaptic-side voxel and of the nearest postsynaptic-side voxel
+    (0 beyond `radius_nm`). A side voxel is a segmented voxel whose side probability is >= `threshold` and above
+    the other side's, so a voxel is never counted for both."""
+    seg = segmentation.astype(np.uint64, copy=False)
+    out = []
+    for mine, other in ((probs[1], probs[2]), (probs[2], probs[1])):
+        side = (mine >= threshold) & (mine > other) & (seg != 0)
+        if not side.any():
+            out.append(np.zeros(seg.shape, np.uint64))
+            continue
+        dist, idx = ndi.distance_transform_edt(~side, sampling=voxel_size_zyx, return_indices=True)
+        lab = seg[tuple(idx)]
+        lab[dist > radius_nm] = 0
+        out.append(lab)
+    return out[0], out[1]
+
+
+def split_by_partners(components: np.ndarray, pre_lab: np.ndarray, post_lab: np.ndarray, min_size: int
+                      ) -> np.ndarray:
+    """Split cleft components so each piece lies between one (pre, post) pair of segments.
+
+    Clefts of neighbouring synapses touch (a bouton contacting two dendrites, boutons in a row along one dendrite);
+    thresholding merges them into one component. Every cleft voxel votes for the pair (nearest presynaptic-side
+    segment, nearest postsynaptic-side segment); a component is cut into the connected pieces of one pair. Pieces
+    smaller than `min_size` (edge voxels that see a third segment) go back to the largest piece of their component,
+    so a real synapse is never split by label noise."""
+    fg = components != 0
+    if not fg.any():
+        return components
+    comp = components[fg].astype(np.int64)
+    _, pair = np.unique(np.stack([comp, pre_lab[fg].astype(np.int64), post_lab[fg].astype(np.int64)]),
+                        axis=1, return_inverse=True)
+    keyed = np.zeros(components.shape, np.uint32)
+    keyed[fg] = pair.reshape(-1).astype(np.uint32) + 1
+    pieces = cc3d.connected_components(keyed, connectivity=26, out_dtype=np.uint32)
+    piece = pieces[fg].astype(np.int64)
+    sizes = np.bincount(piece)
+    small = sizes[piece] < min_size
+    if small.any():
+        # the largest piece of each component takes that component's small pieces
+        order = np.lexsort((-sizes[piece], comp))
+        first = np.ones(len(order), bool)
+        first[1:] = comp[order][1:] != comp[order][:-1]
+        best = dict(zip(comp[order][first].tolist(), piece[order][first].tolist()))
+        piece = np.where(small, np.array([best[c] for c in comp.tolist()], np.int64) if len(comp) else piece, piece)
+    out = np.zeros(components.shape, np.int64)
+    out[fg] = piece
+    return out
+
+
 def detect(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, params: DetectionParams,
            fragments: np.ndarray | None = None) -> pd.DataFrame:
-    """Components of thresholded cleft probability with their partners (whole arrays; no block logic)."""
+    """Components of thresholded cleft probability, split per partner pair, with their partners (whole arrays;
+    no block logic)."""
     mask = probs[0] >= params.threshold
     components = cc3d.connected_components(mask, connectivity=26)
     components = cc3d.dust(components, threshold=params.min_size, connectivity=26)
+    sides = None
+    if params.split_partners and components.any() and segmentation.any():
+        sides = side_labels(probs, segmentation, voxel_size_zyx, params.partner_radius_nm, params.side_threshold)
+        components = split_by_partners(components, *sides, params.min_size)
     components, _ = _renumber(components)
-    return assign_partners(components, probs, segmentation, voxel_size_zyx, params.partner_radius_nm, fragments)
+    return assign_partners(components, probs, segmentation, voxel_size_zyx, params.partner_radius_nm, fragments,
+                           sides if params.partner_votes else None)
 
 
 def _renumber(labels: np.ndarray):
