@@ -33,7 +33,7 @@ SYNTH_TRAIN_SEED, SYNTH_TEST_SEED = 1, 4242  # synthetic_small was trained on se
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--medulla-model", default="medulla", help="packaged name or model folder")
-    p.add_argument("--synthetic-model", default="synthetic", help="packaged name or model folder")
+    p.add_argument("--synthetic-model", default="synthetic_small", help="packaged name or model folder")
     p.add_argument("--xy", type=int, default=160,
                    help="medulla: the first XY x XY voxels of each section (250 = whole sections; 160 keeps the "
                         "FIB-25 run to minutes on 2 cores)")

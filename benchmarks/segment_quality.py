@@ -13,7 +13,7 @@ Training data (baseline parameters, `--tune`): synthetic seed 3, medulla z 60-10
 `--tune` also sweeps the agglomeration rule on the training volumes (from the run's saved edge table, no
 re-segmentation) and prints the VOI for each setting; the defaults in pipeline/stages/agglomerate.py come from it.
 
-    python benchmarks/segment_quality.py [--model synthetic_small] [--medulla-model DIR] [--xy 128] [--tune]
+    python benchmarks/segment_quality.py [--model synthetic_small] [--medulla-model medulla_small] [--xy 128] [--tune]
 
 Target (issue 4): blockwise VOI within 5 % of the one-block VOI. Last stdout line: JSON.
 """
@@ -167,7 +167,8 @@ def evaluate_dataset(client, tmp: Path, name: str, raw, gt, voxel_size, train, m
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic_small", help="FFN model for the synthetic volumes")
-    parser.add_argument("--medulla-model", default="medulla", help="FFN model for the medulla sections")
+    parser.add_argument("--medulla-model", default="medulla_small",
+                        help="FFN model for the medulla sections (`medulla` is better and ~12x slower)")
     parser.add_argument("--xy", type=int, default=128, help="medulla crop in y and x (full: 250)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[11, 12], help="held-out synthetic seeds")
     parser.add_argument("--workers", type=int, default=2)
