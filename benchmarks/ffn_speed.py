@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,2,4,8,16", help="batch sizes for the small model")
     p.add_argument("--fib25-batches", default="1,4", help="batch sizes for the FIB-25 model (each is a full run)")
     p.add_argument("--precisions", default="float32,bfloat16")
-    p.add_argument("--small-model", default="small", help="packaged name or folder; random small model if absent")
+    p.add_argument("--small-model", default="synthetic_small",
+                   help="packaged name or folder; random small model if absent")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-fib25", action="store_true")
     return p.parse_args(argv)
