@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from segclr.aggregation import aggregate  # noqa: E402
 from segclr.classifiers import macro_f1, train_classifier  # noqa: E402
-from segclr.cutouts import downsample_em, downsample_seg  # noqa: E402
 from segclr.skeletons import subsample_nodes  # noqa: E402
 from segclr.training import training_volume_from_arrays  # noqa: E402
 

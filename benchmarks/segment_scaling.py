@@ -32,7 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 
 from pipeline.cluster import ClusterConfig, open_client  # noqa: E402
 from pipeline.segmentation import SegmentConfig, run_segmentation  # noqa: E402

@@ -176,7 +176,7 @@ def test_block_seeds_agree_with_the_whole_volume_inside_blocks():
 def test_holes_in_a_write_box_take_the_neighbours_fragment(tmp_path):
     """A block that left part of its write box at 0 (the object there was seeded only by the neighbour) gets the
     neighbour's fragment ids there; labelled voxels and voxels no block labelled are left alone."""
-    from pipeline.stages.reconcile import fill_holes_from_neighbours
+    from pipeline.stages.reconcile import reconcile_block
     from pipeline.stages.segment import save_side_file, side_file, to_global
     from storage.box import Box, BlockGrid
     from storage.volume import create_volume
@@ -194,7 +194,8 @@ def test_holes_in_a_write_box_take_the_neighbours_fragment(tmp_path):
                           voxel_size_xyz_nm=(8, 8, 40), chunk_shape_zyx=(8, 32, 32))
     mine = to_global(la, a.block_id, stride)
     frags.write(a.write, mine[a.write.relative_to(a.read).slices])
-    filled = fill_holes_from_neighbours(a, grid, mine, str(tmp_path), stride, frags.spec)
+    filled = reconcile_block(a, grid_json=grid.to_json(), work_dir=str(tmp_path), stride=stride, min_voxels=50,
+                             min_fraction=0.5, fragments_spec=frags.spec)["filled_voxels"]
     out = frags.read(a.write)
     b_id = 1 * stride + 2
     assert filled == 8 * 8 * 8  # rows 16-23 of a's write box inside b's read box (x 24-31)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.stages.synapses import DetectionParams, assign_partners, detect, merge_duplicates, synapse_table
+from pipeline.stages.synapses import DetectionParams, detect, merge_duplicates, synapse_table
 from pipeline.synapse_metrics import detection_scores, match_synapses, overlap_id_map
 from pipeline.synapse_training import TrainingVolume, isbi_stack, polarity_targets, train
 

@@ -124,57 +124,61 @@ def reconcile_block(
     fragments_spec: dict | None = None,
 ) -> dict:
     """Match this block's fragments with those of its forward face neighbours in the central part of their overlap
-    (``match_band`` = fraction of the halo on each side of the face; 1 = the whole overlap)."""
+    (``match_band`` = fraction of the halo on each side of the face; 1 = the whole overlap); with
+    ``fragments_spec``, also fill this block's write-box holes from its neighbours (``fill_holes_from_neighbours``).
+    Each neighbour's side file is read once for both."""
     from pipeline.stages.segment import load_side_file, to_global
     from storage.box import BlockGrid
 
     grid = BlockGrid.from_json(grid_json)
     thresholds = MatchThresholds(min_voxels=min_voxels, min_fraction=min_fraction)
-    mine = to_global(load_side_file(work_dir, block.block_id), block.block_id, stride)
+    loaded: dict[int, np.ndarray] = {}
+
+    def labels(block_id: int, box) -> np.ndarray:
+        """Global fragment ids of ``box`` (inside that block's read box) from the block's side file."""
+        if block_id not in loaded:
+            loaded[block_id] = load_side_file(work_dir, block_id)
+        local = loaded[block_id][box.relative_to(grid.block(block_id).read).slices]
+        return to_global(local, block_id, stride)
+
     pairs = []
     for other_id in grid.neighbours(block.block_id):
         if other_id < block.block_id:
             continue  # each pair once, handled by the lower id
-        other = grid.block(other_id)
-        shared = match_box(block, other, grid.halo, match_band)
+        shared = match_box(block, grid.block(other_id), grid.halo, match_band)
         if shared.empty:
             continue
-        theirs = to_global(load_side_file(work_dir, other_id), other_id, stride)
-        a = mine[shared.relative_to(block.read).slices]
-        b = theirs[shared.relative_to(other.read).slices]
-        pairs.append(match_fragments(a, b, thresholds))
+        pairs.append(match_fragments(labels(block.block_id, shared), labels(other_id, shared), thresholds))
     found = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.uint64)
     filled = 0
     if fragments_spec is not None:
-        filled = fill_holes_from_neighbours(block, grid, mine, work_dir, stride, fragments_spec)
+        filled = fill_holes_from_neighbours(block, grid, labels, fragments_spec)
     return {"equivalences": found.tolist(), "filled_voxels": filled}
 
 
-def fill_holes_from_neighbours(block, grid, mine: np.ndarray, work_dir: str, stride: int,
-                               fragments_spec: dict) -> int:
+def fill_holes_from_neighbours(block, grid, labels, fragments_spec: dict) -> int:
     """Write-box voxels this block left unlabelled take the fragment a neighbour put there (in its read box).
 
     A block only seeds near its write box, so an object whose seeds all lie in a neighbour's half of the overlap
     is flooded by that neighbour and left at 0 here, although one pass over the whole volume labels it; those
     voxels would be holes at the face. Neighbours are asked in id order, so the result is deterministic and the
-    fragments keep their ids (they are already in the lookup table). Returns the number of voxels filled."""
-    from pipeline.stages.segment import load_side_file, to_global
+    fragments keep their ids (they are already in the lookup table). ``labels(block_id, box)`` gives a block's
+    global fragment ids in a box of its read box. Returns the number of voxels filled."""
     from storage.volume import open_volume
 
-    own = mine[block.write.relative_to(block.read).slices]
+    own = labels(block.block_id, block.write)
     holes = own == 0
     if not holes.any():
         return 0
     out = own.copy()
     for other_id in grid.neighbours(block.block_id, faces_only=False):
-        other = grid.block(other_id)
-        shared = block.write.intersect(other.read)
+        shared = block.write.intersect(grid.block(other_id).read)
         if shared.empty:
             continue
         mine_sl = shared.relative_to(block.write).slices
         if not holes[mine_sl].any():
             continue
-        theirs = to_global(load_side_file(work_dir, other_id), other_id, stride)[shared.relative_to(other.read).slices]
+        theirs = labels(other_id, shared)
         take = holes[mine_sl] & (theirs != 0)
         out[mine_sl][take] = theirs[take]
         holes[mine_sl] &= ~take
