@@ -106,12 +106,17 @@ class PostgresBackend:
 
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.location)
 
-    def _run(self, fn):
+    def _run(self, fn, *, read: bool = False):
+        """Runs one autocommit statement. A read whose connection was dropped (server restart, idle kill,
+        failover) is retried once on a fresh connection, since rereading is harmless; a write is not, since it
+        may have committed before the connection went."""
         psycopg = _psycopg()
         try:
             return fn(self._conn())
         except psycopg.OperationalError as exc:
             self._drop()
+            if read:
+                return self._run(fn)
             raise ConnectionLost(f"connectome store {self._safe_location()}: connection lost ({str(exc).strip().splitlines()[0] if str(exc).strip() else 'closed'})") from exc
 
     def _drop(self) -> None:
@@ -124,7 +129,7 @@ class PostgresBackend:
                 pass
 
     def query(self, sql: str, params: dict | None = None) -> pd.DataFrame:
-        return self._run(lambda conn: _PgTx(conn).query(sql, params))
+        return self._run(lambda conn: _PgTx(conn).query(sql, params), read=True)
 
     def rows(self, sql: str, params: dict | None = None) -> list[tuple]:
         """Small results as tuples (no DataFrame construction)."""
@@ -133,7 +138,7 @@ class PostgresBackend:
                 cur.execute(to_psycopg(sql) if params else sql.replace("%", "%%"), params or None)
                 return cur.fetchall()
 
-        return self._run(run)
+        return self._run(run, read=True)
 
     def query_arrow(self, sql: str, params: dict | None = None) -> pa.Table:
         return pa.Table.from_pandas(self.query(sql, params), preserve_index=False)
@@ -151,7 +156,7 @@ class PostgresBackend:
                         buf.write(chunk)
             return buf.getvalue()
 
-        return self._run(run)
+        return self._run(run, read=True)
 
     @contextmanager
     def transaction(self):
