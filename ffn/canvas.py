@@ -39,12 +39,14 @@ class InferenceOptions:
     segment_threshold: float = 0.6
     min_segment_size: int = 1000
     min_boundary_dist: tuple[int, int, int] = (1, 1, 1)  # ZYX
+    movement: str = "face_max"  # or "face_components": follow every above-threshold region of a face (forks)
 
     @classmethod
     def from_config(cls, config: FFNConfig, **overrides) -> "InferenceOptions":
         base = dict(init_activation=config.init_activation, pad_value=config.pad_value,
                     move_threshold=config.move_threshold, segment_threshold=config.segment_threshold,
-                    min_segment_size=config.min_segment_size, min_boundary_dist=config.min_boundary_dist)
+                    min_segment_size=config.min_segment_size, min_boundary_dist=config.min_boundary_dist,
+                    movement=config.movement)
         unknown = sorted(set(overrides) - set(base))
         if unknown:
             raise ConfigError(f"inference options: unknown field(s) {unknown}")
@@ -57,6 +59,10 @@ class InferenceOptions:
             if not 0.0 < v < 1.0:
                 raise ConfigError(f"inference options: {name} is a probability in (0, 1), got {v}")
         object.__setattr__(self, "min_boundary_dist", tuple(int(v) for v in self.min_boundary_dist))
+        from ffn.movement import POLICIES
+
+        if self.movement not in POLICIES:
+            raise ConfigError(f"inference options: movement must be one of {POLICIES}, got {self.movement!r}")
 
 
 @dataclass(frozen=True)
@@ -219,7 +225,8 @@ class Canvas:
         seed[pos] = self.t_init
         self.counters["seeds_tried"] += 1
         p = np.asarray(pos, dtype=np.int64)
-        return Flood(start=pos, seed=seed, queue=FaceMaxQueue(pos, self.deltas, float(self.t_move)),
+        return Flood(start=pos, seed=seed, queue=FaceMaxQueue(pos, self.deltas, float(self.t_move),
+                                                                 branches=self.options.movement == "face_components"),
                      min_pos=p.copy(), max_pos=p.copy())
 
     def _advance(self, flood: Flood) -> bool:

@@ -19,7 +19,7 @@ from ffn.model import FFNConfig
 from ffn.seeds import make_seed_policy
 from storage.errors import ConfigError
 
-OPTION_NAMES = ("init_activation", "pad_value", "move_threshold", "segment_threshold", "min_segment_size",
+OPTION_NAMES = ("init_activation", "pad_value", "move_threshold", "segment_threshold", "min_segment_size", "movement",
                 "min_boundary_dist")
 
 

@@ -61,6 +61,9 @@ class FFNConfig:
     segment_threshold: float = 0.6
     min_segment_size: int = 1000
     min_boundary_dist: Triple = (1, 1, 1)
+    # "face_max" (the reference: one move per FOV face) or "face_components" (one per above-threshold region of a
+    # face, so forks are followed; see ffn.movement)
+    movement: str = "face_max"
     # free-form provenance: training command, steps, wall time, scores, source checkpoint ...
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -82,6 +85,10 @@ class FFNConfig:
             raise ConfigError(
                 f"FFN config: deltas {list(self.deltas)} (ZYX) must lie in 0..fov_size//2 of {list(self.fov_size)}"
             )
+        from ffn.movement import POLICIES
+
+        if self.movement not in POLICIES:
+            raise ConfigError(f"FFN config: movement must be one of {POLICIES}, got {self.movement!r}")
         if self.image_stddev <= 0:
             raise ConfigError(f"FFN config: image_stddev must be > 0, got {self.image_stddev}")
         for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):

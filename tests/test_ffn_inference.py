@@ -133,6 +133,21 @@ def test_face_max_moves_and_lattice_dedupe():
     assert q.pop(lambda p: True) is None
 
 
+def test_face_components_follow_both_branches_of_a_fork():
+    logits = np.full((9, 9, 9), -3.0, np.float32)
+    logits[4, 3, 6] = 4.0  # two branches crossing the +x face, apart in y
+    logits[4, 5, 6] = 5.0
+    logits[4, 4, 2] = 1.0  # below threshold
+    assert face_max_moves(logits, (2, 2, 2), threshold=2.2) == [(5.0, (0, 1, 2))]
+    assert face_max_moves(logits, (2, 2, 2), threshold=2.2, branches=True) == [(5.0, (0, 1, 2)), (4.0, (0, -1, 2))]
+    q = FaceMaxQueue((10, 10, 10), (2, 2, 2), 2.2, branches=True)
+    q.pop(lambda p: True)
+    q.update(logits, (10, 10, 10))
+    assert [q.pop(lambda p: True), q.pop(lambda p: True)] == [(10, 11, 12), (10, 9, 12)]
+    with pytest.raises(ConfigError, match="movement"):
+        FFNConfig(movement="random_walk")
+
+
 # ---- canvas -----------------------------------------------------------------------------------------------------
 
 def test_tubes_cut_by_membrane_give_four_segments(grow):
