@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,12 +219,20 @@ def isbi_volume(folder: str | Path, sections: range) -> TrainingVolume:
     return TrainingVolume(raw, cleft, zeros, zeros.copy(), polarity=False, name=f"isbi-{sections.start}-{sections.stop}")
 
 
-def train_from_config(config: dict) -> Path:
-    """`connectome train synapses CONFIG`: {"out", "steps", "batch_size", "patch_shape_zyx", "learning_rate",
+def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None = None,
+                      output_dir: str | None = None) -> Path:
+    """`connectome train synapses CONFIG` (a JSON/YAML file or its dict): {"out", "steps", "batch_size", "patch_shape_zyx", "learning_rate",
     "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed", "shape_zyx"}} |
     {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative patch-sampling frequency)."""
+    from pipeline.config import read_config_file
     from storage.errors import ConfigError
 
+    if not isinstance(config, dict):
+        config = read_config_file(Path(config))
+        if not isinstance(config, dict):
+            raise ConfigError("synapse training config: expected a mapping at the top level")
+    config = {**config, **({"steps": max_steps} if max_steps is not None else {}),
+              **({"out": output_dir} if output_dir is not None else {})}
     try:
         model_config = SynapseModelConfig.from_json_dict(dict(config.get("model", {})), "synapse training config")
         volumes = []

@@ -174,6 +174,15 @@ def test_train_from_config_unet_with_widened_clefts(tmp_path):
                         "weight": 2.0}]}
     out = train_from_config(config)
     assert (out / "model.weights.h5").is_file()
+    # the same config as a file through the CLI, with its overrides
+    import json
+
+    from pipeline.cli import main
+
+    path = tmp_path / "train_synapses.json"
+    path.write_text(json.dumps(config))
+    assert main(["train", "synapses", str(path), "--max-steps", "1", "--output-dir", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "model" / "model.weights.h5").is_file()
     config["data"][0]["weight"] = 0
     with pytest.raises(ConfigError, match="weight"):
         train_from_config(config)

@@ -1,4 +1,4 @@
-"""`connectome train ffn CONFIG` / `connectome train segclr CONFIG`: train a model from a YAML/JSON config.
+"""`connectome train ffn|segclr|synapses CONFIG`: train a model from a YAML/JSON config.
 
 The science lives in ``ffn/`` and ``segclr/``; this command only picks the trainer by the first argument and
 hands it the config path. A trainer is ``module:function`` taking ``(config_path, **overrides)``; the
@@ -13,12 +13,13 @@ import inspect
 
 from storage.errors import ConnectomeError
 
-HELP = "Train a model (ffn or segclr) from a YAML/JSON config; resumes from the config's output_dir."
+HELP = "Train a model (ffn, segclr or synapses) from a YAML/JSON config; resumes from the config's output_dir."
 
 # kind -> "module:function" taking (config_path, **overrides)
 TRAINERS: dict[str, str] = {
     "ffn": "ffn.train:train_from_file",
     "segclr": "segclr.training:train_from_config",
+    "synapses": "pipeline.synapse_training:train_from_config",
 }
 
 
