@@ -17,19 +17,23 @@ Block invariance. A block segments its read box (write box + `overlap`) and writ
 matches fragments of face neighbours in the central band of their overlap (`match_band`), where both blocks are
 at least half an overlap away from their read-box border; seeds come from the image around the read box
 (`seed_context`) with position-based tie-breaking, in global order, and only within `seed_reach` of the write
-box (pipeline/stages/segment.py says why). `overlap` should be at least FOV radius + deltas of the model.
+box (pipeline/stages/segment.py says why). `overlap` should be at least FOV radius + deltas of the model, and
+2 x that where an object's body may lie in the overlap (it must be seedable by the block).
 Write-box voxels a block left at 0 (an object seeded only on the neighbour's side) take the neighbour's fragment
 there (`fill_holes`, in reconcile). Faces of a read box on the volume border are mirror-padded by the FOV radius
 (ffn.inference.segment_volumes) so border objects are segmented as in the one-block run. On the machinery test
-(hand-set grow model on EM whose membranes are the ground-truth boundaries) filling took 1 vs 2x2x2 blocks from
-VOI 0.30 to 0.04; with border padding 0.13, what remains being objects the one-block run itself splits because
-face-max movement misses forks (path dependence, not block handling).
+(hand-set grow model on EM whose membranes are the ground-truth boundaries, tests/test_segment_pipeline.py)
+1 vs 2x2x2 blocks went from VOI 0.30 to 0.04 with filling, 0.13 with border padding (face-max movement misses
+forks, so the one-block run itself depends on seed order), 0.030 with `movement: face_components` and 0.017 /
+ARAND 0.0023 / no extra cut objects with a z overlap of 2 x (FOV radius + delta): the block machinery is
+invariant when the model's floods are.
 What this cannot fix is an FFN whose objects depend on where flooding starts. Measured 2026-11-29 on the test
 volume (synthetic seed 7, 32x128x128), one process, no blocks: packaged `synthetic_small` (8k steps) forward vs
 reverse seed order differ by VOI 4.1 (ARAND 0.69) and a 24x80x80 crop vs the full volume by VOI 3.3 on the
 crop's 16x64x64 corner; a model trained for this work (~5k steps) 2.6 / 2.4. 1 block vs 2x2x2 blocks then
-differs by VOI 1.5-2.6, i.e. no more than the model's own instability; the invariance target (VOI <= 0.05)
-needs a model whose floods are stable. On quality the blockwise result is within 5 % of the one-block result
+differs by VOI 0.57 / ARAND 0.20 (synthetic_small, 21.6k steps; 0.82 / 0.38 with overlap 12,24,24 and
+face_components; the FIB-25 model fine-tuned 2k steps on synthetic data 1.88 / 0.58), i.e. no more than the
+model's own instability; the invariance target (VOI <= 0.05) needs a model whose floods are stable. On quality the blockwise result is within 5 % of the one-block result
 (benchmarks/segment_quality.py: VOI ratio 0.97 synthetic, 0.99-1.01 medulla).
 """
 
