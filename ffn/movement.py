@@ -3,9 +3,9 @@
 After each FFN step the maximum of each of the 6 faces of the +-delta cube around the FOV centre is a move
 candidate if it is above the move threshold (logits; same as the reference's probability test). The
 ``face_components`` policy takes the maximum of each above-threshold region of a face instead, so a flood follows
-every branch of a fork it sees. Candidates are
-queued FIFO (breadth first; sorted by score only within one step) and deduplicated on a delta-spaced lattice
-centred on the object's start, so each lattice cell is evaluated at most once per object.
+every branch of a fork it sees. Candidates are queued FIFO (breadth first; sorted by score only within one step)
+and deduplicated on a delta-spaced lattice centred on the object's start, so each lattice cell is evaluated at
+most once per object.
 """
 
 from __future__ import annotations
