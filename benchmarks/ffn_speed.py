@@ -179,7 +179,8 @@ def sweep(name, image, gt, keras_model, config, precisions, batches, log) -> lis
 def summary(rows) -> dict:
     best = max(rows, key=lambda r: r["voxels_per_s"])
     keys = ("voxels_per_s", "ms_per_step", "steps", "model_gflop_per_s", "matmul_gflop_per_s", "model_vs_matmul",
-            "tf_matmul_gflop_per_s", "model_vs_tf_matmul", "precision", "batch", "segments", "arand_vs_fp32_b1", "arand_vs_gt")
+            "tf_matmul_gflop_per_s", "model_vs_tf_matmul", "precision", "batch", "segments", "arand_vs_fp32_b1",
+            "arand_vs_gt")
     return {k: best[k] for k in keys if k in best}
 
 

@@ -33,7 +33,8 @@ reverse seed order differ by VOI 4.1 (ARAND 0.69) and a 24x80x80 crop vs the ful
 crop's 16x64x64 corner; a model trained for this work (~5k steps) 2.6 / 2.4. 1 block vs 2x2x2 blocks then
 differs by VOI 0.57 / ARAND 0.20 (synthetic_small, 21.6k steps; 0.82 / 0.38 with overlap 12,24,24 and
 face_components; the FIB-25 model fine-tuned 2k steps on synthetic data 1.88 / 0.58), i.e. no more than the
-model's own instability; the invariance target (VOI <= 0.05) needs a model whose floods are stable. On quality the blockwise result is within 5 % of the one-block result
+model's own instability; the invariance target (VOI <= 0.05) needs a model whose floods are stable. On quality
+the blockwise result is within 5 % of the one-block result
 (benchmarks/segment_quality.py: VOI ratio 0.97 synthetic, 0.99-1.01 medulla).
 """
 

@@ -221,9 +221,10 @@ def isbi_volume(folder: str | Path, sections: range) -> TrainingVolume:
 
 def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None = None,
                       output_dir: str | None = None) -> Path:
-    """`connectome train synapses CONFIG` (a JSON/YAML file or its dict): {"out", "steps", "batch_size", "patch_shape_zyx", "learning_rate",
-    "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed", "shape_zyx"}} |
-    {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative patch-sampling frequency)."""
+    """`connectome train synapses CONFIG` (a JSON/YAML file or its dict): {"out", "steps", "batch_size",
+    "patch_shape_zyx", "learning_rate", "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed",
+    "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
+    patch-sampling frequency). ``max_steps`` / ``output_dir`` override "steps" / "out"."""
     from pipeline.config import read_config_file
     from storage.errors import ConfigError
 
