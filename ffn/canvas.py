@@ -59,10 +59,9 @@ class InferenceOptions:
             if not 0.0 < v < 1.0:
                 raise ConfigError(f"inference options: {name} is a probability in (0, 1), got {v}")
         object.__setattr__(self, "min_boundary_dist", tuple(int(v) for v in self.min_boundary_dist))
-        from ffn.movement import POLICIES
+        from ffn.movement import check_policy
 
-        if self.movement not in POLICIES:
-            raise ConfigError(f"inference options: movement must be one of {POLICIES}, got {self.movement!r}")
+        check_policy(self.movement, "inference options")
 
 
 @dataclass(frozen=True)

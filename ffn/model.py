@@ -85,10 +85,9 @@ class FFNConfig:
             raise ConfigError(
                 f"FFN config: deltas {list(self.deltas)} (ZYX) must lie in 0..fov_size//2 of {list(self.fov_size)}"
             )
-        from ffn.movement import POLICIES
+        from ffn.movement import check_policy
 
-        if self.movement not in POLICIES:
-            raise ConfigError(f"FFN config: movement must be one of {POLICIES}, got {self.movement!r}")
+        check_policy(self.movement, "FFN config")
         if self.image_stddev <= 0:
             raise ConfigError(f"FFN config: image_stddev must be > 0, got {self.image_stddev}")
         for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):

@@ -20,6 +20,14 @@ Pos = tuple[int, int, int]
 POLICIES = ("face_max", "face_components")
 
 
+def check_policy(movement: str, where: str) -> None:
+    """One clear error for an unknown movement policy (model configs and inference options both take one)."""
+    if movement not in POLICIES:
+        from storage.errors import ConfigError
+
+        raise ConfigError(f"{where}: movement must be one of {POLICIES}, got {movement!r}")
+
+
 def face_max_moves(logits: np.ndarray, deltas: tuple[int, int, int], threshold: float, *,
                    branches: bool = False) -> list[tuple[float, Pos]]:
     """``[(score, offset_zyx)]`` for face maxima >= threshold, best first (ties: larger offset first).

@@ -234,30 +234,41 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
             raise ConfigError("synapse training config: expected a mapping at the top level")
     config = {**config, **({"steps": max_steps} if max_steps is not None else {}),
               **({"out": output_dir} if output_dir is not None else {})}
+    where = "synapse training config"
+    # every value is checked before the (slow) training volumes are made, so a typo fails at once
     try:
-        model_config = SynapseModelConfig.from_json_dict(dict(config.get("model", {})), "synapse training config")
-        volumes = []
+        model_config = SynapseModelConfig.from_json_dict(dict(config.get("model", {})), where)
+        settings = dict(steps=int(config.get("steps", 2000)), batch_size=int(config.get("batch_size", 4)),
+                        patch_shape=tuple(int(n) for n in config.get("patch_shape_zyx", (24, 64, 64))),
+                        learning_rate=float(config.get("learning_rate", 1e-3)),
+                        final_lr_fraction=float(config.get("final_lr_fraction", 1.0)),
+                        seed=int(config.get("seed", 0)))
+        sources = []
         for i, entry in enumerate(config["data"]):
             if "synthetic" in entry:
                 d = entry["synthetic"]
-                volumes.append(synthetic_volume(int(d["seed"]), tuple(d["shape_zyx"]),
-                                                cleft_dilation_nm=float(d.get("cleft_dilation_nm", 0.0))))
+                source = ("synthetic", int(d["seed"]), tuple(int(n) for n in d["shape_zyx"]),
+                          float(d.get("cleft_dilation_nm", 0.0)))
             elif "isbi" in entry:
                 d = entry["isbi"]
-                volumes.append(isbi_volume(d["folder"], range(int(d["first"]), int(d["stop"]))))
+                source = ("isbi", d["folder"], range(int(d["first"]), int(d["stop"])))
             else:
-                raise ConfigError(f"synapse training config: data[{i}] must have 'synthetic' or 'isbi', got {entry}")
+                raise ConfigError(f"{where}: data[{i}] must have 'synthetic' or 'isbi', got {entry}")
             weight = float(entry.get("weight", 1.0))
             if not weight > 0:
-                raise ConfigError(f"synapse training config: data[{i}] weight must be > 0, got {weight}")
-            volumes[-1].weight = weight
+                raise ConfigError(f"{where}: data[{i}] weight must be > 0, got {weight}")
+            sources.append((source, weight))
         out = Path(config["out"])
     except KeyError as exc:
-        raise ConfigError(f"synapse training config: missing field {exc}") from None
+        raise ConfigError(f"{where}: missing field {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: bad value ({exc})") from None
+    volumes = []
+    for source, weight in sources:
+        if source[0] == "synthetic":
+            volumes.append(synthetic_volume(source[1], source[2], cleft_dilation_nm=source[3]))
+        else:
+            volumes.append(isbi_volume(source[1], source[2]))
+        volumes[-1].weight = weight
     out.mkdir(parents=True, exist_ok=True)
-    return train(volumes, model_config, out, steps=int(config.get("steps", 2000)),
-                 batch_size=int(config.get("batch_size", 4)),
-                 patch_shape=tuple(config.get("patch_shape_zyx", (24, 64, 64))),
-                 learning_rate=float(config.get("learning_rate", 1e-3)),
-                 final_lr_fraction=float(config.get("final_lr_fraction", 1.0)),
-                 seed=int(config.get("seed", 0)))
+    return train(volumes, model_config, out, **settings)

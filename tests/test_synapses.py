@@ -186,6 +186,15 @@ def test_train_from_config_unet_with_widened_clefts(tmp_path):
     config["data"][0]["weight"] = 0
     with pytest.raises(ConfigError, match="weight"):
         train_from_config(config)
+    # a malformed value is one clear line, before any training volume is made; nothing is written
+    config["data"][0]["weight"] = 1.0
+    for field, bad in (("steps", "many"), ("patch_shape_zyx", [4, "x", 16])):
+        with pytest.raises(ConfigError, match="bad value"):
+            train_from_config({**config, field: bad, "out": str(tmp_path / "bad")})
+    assert not (tmp_path / "bad").exists()
+    proc_path = tmp_path / "broken.json"
+    proc_path.write_text(json.dumps({**config, "steps": "many"}))
+    assert main(["train", "synapses", str(proc_path)]) == 2
 
 
 def test_equalize_sections_undoes_a_brightness_jump():

@@ -181,8 +181,9 @@ def split_by_partners(components: np.ndarray, pre_lab: np.ndarray, post_lab: np.
         order = np.lexsort((-sizes[piece], comp))
         first = np.ones(len(order), bool)
         first[1:] = comp[order][1:] != comp[order][:-1]
-        best = dict(zip(comp[order][first].tolist(), piece[order][first].tolist()))
-        piece = np.where(small, np.array([best[c] for c in comp.tolist()], np.int64) if len(comp) else piece, piece)
+        best = np.zeros(int(comp.max()) + 1, np.int64)
+        best[comp[order][first]] = piece[order][first]
+        piece = np.where(small, best[comp], piece)
     out = np.zeros(components.shape, np.int64)
     out[fg] = piece
     return out
