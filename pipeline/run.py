@@ -111,7 +111,7 @@ def run_pipeline(config: RunConfig, client, *, progress: bool = True, log=print)
         "skeletonize": lambda: _skeletonize(config, client, seg_url, store_path, work, progress),
         "embed": lambda: _embed(config, client, seg_url, store_path, work, progress),
         "classify": lambda: _classify(config, store_path, work),
-        "publish": lambda: _publish(config, out, store_path, work),
+        "publish": lambda: _publish(config, out, store_path, work, client),
     }
     for stage in STAGES:
         if stage not in config.stages:
@@ -209,8 +209,8 @@ def _classifier(name: str | None) -> Path | None:
     raise ConnectomeError(f"classifier {name!r} not found (neither a folder nor a model in {MODELS_DIR})")
 
 
-def _publish(config: RunConfig, out: Path, store_path: str, work: Path) -> dict:
+def _publish(config: RunConfig, out: Path, store_path: str, work: Path, client) -> dict:
     from viz.publish import publish_run
 
     return publish_run(out, image=config.input, store=store_path, skeletons_dir=work / "skeletons",
-                       meshes=config.publish.meshes)
+                       meshes=config.publish.meshes, client=client)

@@ -42,7 +42,6 @@ from viz.skeletons import write_skeletons
 
 RAW, SEGMENTATION, FRAGMENTS, SYNAPSES, STORE = "raw", "segmentation", "fragments", "synapses", "connectome.duckdb"
 MESH, SKELETONS, SEGMENT_PROPERTIES = "mesh", "skeletons", "segment_properties"
-MESH_IN_MEMORY_VOXELS = 512**3  # meshing here reads the whole segmentation; larger runs mesh blockwise
 
 
 @dataclass
@@ -54,6 +53,10 @@ class PublishOptions:
     mesh_format: str = "auto"  # legacy | multires | auto (multires above 10,000 segments)
     multires: MultiresOptions = field(default_factory=MultiresOptions)
     annotations: AnnotationOptions = field(default_factory=AnnotationOptions)
+    # segmentations up to this many voxels are meshed in memory (single-fragment meshes, legacy or multires);
+    # larger ones blockwise on Dask (pipeline/stages/mesh.py: legacy meshes, a fragment per segment and block)
+    mesh_in_memory_voxels: int = 512**3
+    mesh_block_shape_zyx: tuple[int, int, int] = (256, 256, 256)
 
 
 def _write_meshes(url: str, meshes: dict, voxel_size_xyz_nm, options: PublishOptions) -> int:
@@ -63,6 +66,23 @@ def _write_meshes(url: str, meshes: dict, voxel_size_xyz_nm, options: PublishOpt
     if fmt == "multires" or (fmt == "auto" and len(meshes) > 10_000):
         return write_multires_meshes(url, meshes, voxel_size_xyz_nm, options=options.multires)
     return write_legacy_meshes(url, meshes)
+
+
+def _mesh_blockwise(seg_url: str, mesh_url: str, work_dir, client, options: PublishOptions) -> int:
+    """Mesh RUN/segmentation block by block on Dask (the caller's client, or a LocalCluster for this call)."""
+    from pipeline.stages.mesh import run_mesh
+
+    def go(c) -> int:
+        # restart: a publish rewrites the meshes of the segmentation as it is now (after edits, too)
+        return run_mesh("precomputed://" + seg_url, mesh_url, work_dir, client=c, progress=False, restart=True,
+                        block_shape_zyx=options.mesh_block_shape_zyx, options=options.mesh)["segments"]
+
+    if client is not None:
+        return go(client)
+    from pipeline.cluster import open_client
+
+    with open_client() as c:
+        return go(c)
 
 
 def _dir_bytes(path: str | None) -> int | None:
@@ -86,12 +106,16 @@ def publish_layers(
     version: int | None = None,
     segmentation_in_place: bool = False,
     meshes: bool = True,
+    client: Any = None,
+    mesh_work_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Write the layers given; returns (and writes to publish.json) sizes and seconds per layer.
 
     `segmentation_in_place=True`: RUN/segmentation already holds `segmentation` (the segment stage wrote it with
-    its pyramid); only meshes, skeletons and properties are added to it. Meshes need the labels in memory: a
-    Volume up to 512^3 voxels is read whole, larger ones are left to a blockwise mesh stage.
+    its pyramid); only meshes, skeletons and properties are added to it. A segmentation up to
+    `options.mesh_in_memory_voxels` is meshed in memory; a larger one blockwise on Dask from RUN/segmentation
+    (`client`, or a LocalCluster opened for it), with its block pieces listed under `mesh_work_dir` (default
+    RUN/work/mesh; a local folder).
     """
     report: dict[str, Any] = {"version": version, "layers": {}}
 
@@ -119,14 +143,19 @@ def publish_layers(
             timed(SEGMENTATION, seg_url,
                   lambda: write_pyramid(seg_url, segmentation, spec("segmentation", segmentation, None)))
         extras: dict[str, str] = {}
-        labels = segmentation
-        if meshes and not isinstance(labels, np.ndarray) and int(np.prod(labels.shape)) <= MESH_IN_MEMORY_VOXELS:
-            labels = np.asarray(labels.read(labels.bounds))
-        if meshes and isinstance(labels, np.ndarray):  # larger volumes: blockwise meshing is a stage of its own
+        if meshes:
             url = join(seg_url, MESH)
-            report["meshes"] = timed(MESH, url, lambda: _write_meshes(
-                url, mesh_labels(labels, voxel_size_xyz_nm, voxel_offset_xyz, options=options.mesh),
-                voxel_size_xyz_nm, options))
+            if int(np.prod(segmentation.shape)) <= options.mesh_in_memory_voxels:
+                labels = segmentation if isinstance(segmentation, np.ndarray) else \
+                    np.asarray(segmentation.read(segmentation.bounds))
+                report["meshes"] = timed(MESH, url, lambda: _write_meshes(
+                    url, mesh_labels(labels, voxel_size_xyz_nm, voxel_offset_xyz, options=options.mesh),
+                    voxel_size_xyz_nm, options))
+            else:
+                work = mesh_work_dir if mesh_work_dir is not None else local_path(join(run, "work", "mesh"))
+                if work is None:
+                    raise ConnectomeError(f"publish: blockwise meshing of {seg_url} needs a local mesh_work_dir")
+                report["meshes"] = timed(MESH, url, lambda: _mesh_blockwise(seg_url, url, work, client, options))
             extras["mesh"] = MESH
         if skeleton_nodes is not None:
             url = join(seg_url, SKELETONS)
@@ -248,6 +277,7 @@ def publish_run(
     meshes: bool = True,
     version: int | None = None,
     options: PublishOptions = PublishOptions(),
+    client: Any = None,
 ) -> dict:
     """The pipeline's publish stage: RUN/segmentation (and RUN/fragments) exist already, written by the segment
     stage; add RUN/raw from `image` (a URL or Volume; skipped if it already is RUN/raw), meshes, and skeletons,
@@ -276,7 +306,7 @@ def publish_run(
             raw = open_volume(image)
     report = publish_layers(
         run, voxel_size_xyz_nm=tuple(segmentation.voxel_size), voxel_offset_xyz=tuple(segmentation.voxel_offset),
-        image=raw, segmentation=segmentation, segmentation_in_place=True, meshes=meshes,
+        image=raw, segmentation=segmentation, segmentation_in_place=True, meshes=meshes, client=client,
         skeleton_nodes=nodes if len(nodes) else None,
         segments=tables["segments"] if len(tables["segments"]) else None,
         synapses=tables["synapses"], options=options, version=v,
