@@ -187,6 +187,8 @@ def _counts(path: Path) -> dict:
     (["cells", "--ids", "999999"], ["unknown", "999999"]),
     (["synapses", "--pre", "424242"], ["unknown pre", "424242"]),
     (["partners", "--id", "777777"], ["777777"]),
+    (["skeleton", "--id", "888888"], ["unknown skeleton segment", "888888"]),
+    (["skeleton"], ["skeleton needs --id"]),
     (["cells", "--type", "x' OR '1'='1"], ["unknown cell type", "x' OR '1'='1"]),
     (["synapses", "--post-type", "'); DELETE FROM segments; --"], ["unknown post_type"]),
     (["cells", "--ids", "1); DROP TABLE segments; --"], ["ids must be integers"]),

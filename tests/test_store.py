@@ -295,6 +295,46 @@ def test_merge_split_undo_make_versions_without_rewriting_synapses(empty_store, 
     pd.testing.assert_frame_equal(c.backend.query("SELECT * FROM synapses ORDER BY synapse_id"), syn_rows)
 
 
+def test_merge_carries_skeletons_and_node_embeddings_and_undo_restores_them(empty_store, tables):
+    c = empty_store
+    with c.loading("synthetic") as v1:
+        for name in ("segments", "cell_types", "id_map", "skeleton_nodes"):
+            getattr(c, f"write_{name}")(tables[name], version=v1)
+        c.write_synapses(tables["synapses"], version=v1)
+        c.write_embeddings(pd.DataFrame({"segment_id": [5, 5, 6, 6], "node_id": [0, 3, 1, None],
+                                         "model": "m", "vector": [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [9.0, 9.0]]}),
+                           version=v1)
+    sk5, sk6 = c.skeleton(5), c.skeleton(6)
+    assert len(sk5) == len(sk6) == 4 and sk5.attrs["version"] == v1
+
+    (new,) = c.merge(5, 6).segments_after
+    sk = c.skeleton(new)
+    assert len(sk) == 8 and sk["node_id"].is_unique
+    # same points, same trees: every node's parent is the same point as before the merge
+    before = pd.concat([sk5, sk6])
+    key = ["x_nm", "y_nm", "z_nm"]
+    pd.testing.assert_frame_equal(sk.sort_values(key)[key].reset_index(drop=True),
+                                  before.sort_values(key)[key].reset_index(drop=True), check_dtype=False)
+
+    def parent_points(df):
+        pos = df.set_index("node_id")[key]
+        kids = df.dropna(subset=["parent_id"])
+        return sorted(map(tuple, pos.loc[kids["parent_id"].astype(int)].to_numpy().tolist()))
+
+    assert parent_points(sk) == sorted(parent_points(sk5) + parent_points(sk6))
+    emb = c.backend.query(f"SELECT node_id, vector FROM embeddings WHERE segment_id = {new} AND version_to IS NULL "
+                          "ORDER BY node_id")
+    # node embeddings follow their node (6's node 1 comes after 5's nodes 0-3); the 6-only aggregate does not
+    assert emb["node_id"].tolist() == [0, 3, 5] and [list(x) for x in emb["vector"]][2] == [2.0, 2.0]
+    with pytest.raises(QueryError, match="unknown skeleton segment"):
+        c.skeleton(5)
+    pd.testing.assert_frame_equal(c.skeleton(5, version=v1), sk5)  # history unchanged
+
+    c.undo()
+    pd.testing.assert_frame_equal(c.skeleton(5), sk5, check_like=True)
+    assert len(c.backend.query("SELECT * FROM embeddings WHERE version_to IS NULL")) == 4
+
+
 def test_edit_errors(empty_store, tables):
     c = empty_store
     load(c, tables)

@@ -110,3 +110,6 @@ def test_query_command_reads_a_parquet_release(tmp_path, capsys):
     assert list(got["partner_id"]) == list(want["partner_id"])
     assert main(["query", str(release), "versions"]) == 0
     assert "load" in capsys.readouterr().out
+    assert main(["query", str(release), "skeleton", "--id", "3", "--out", str(tmp_path / "s.parquet")]) == 0
+    nodes = pd.read_parquet(tmp_path / "s.parquet")
+    assert len(nodes) == 4 and nodes["parent_id"].isna().sum() == 1  # the synthetic 4-node skeleton, one root

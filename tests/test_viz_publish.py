@@ -43,7 +43,10 @@ def test_publish_command_republishes_the_run_at_the_latest_store_version(tmp_pat
     assert sorted(int(a.id) for a in reader.relationships["pre_segment"][new]) == [2]
     assert json.loads((run / "publish.json").read_text())["version"] == merged.version
     skel = json.loads((run / "publish.json").read_text())["skeletons"]
-    assert skel == 1  # only cell 33 keeps its skeleton; the merged cell needs the skeleton stage again
+    assert skel == 2  # cell 33 and the merged cell, which carries the skeletons of 11 and 22
+    with viz_sample.make_store(tmp_path / "check.duckdb", seg, frag) as fresh:
+        parts = len(fresh.skeleton(11)) + len(fresh.skeleton(22))
+    assert vol.skeleton.get(new).vertices.shape[0] == parts
 
 
 def test_publish_run_adds_layers_to_a_pipeline_run_and_serve_run_serves_it(tmp_path):

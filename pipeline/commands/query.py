@@ -1,4 +1,4 @@
-"""`connectome query RUN WHAT ...`: cells, synapses, partners, connectivity, cell types, versions from a store.
+"""`connectome query RUN WHAT ...`: cells, synapses, partners, connectivity, cell types, skeletons, versions.
 
 RUN is a run directory holding ``connectome.duckdb``, a ``.duckdb`` file, a ``postgresql://`` URL or a Parquet
 release directory. The table goes to stdout (all rows; nothing is cut) or, with ``--out``, to a CSV or Parquet
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from storage.errors import ConnectomeError
 
-HELP = "query a connectome store: cells, synapses, partners, connectivity, types, versions"
-WHAT = ("cells", "synapses", "partners", "connectivity", "types", "versions")
+HELP = "query a connectome store: cells, synapses, partners, connectivity, types, skeleton, versions"
+WHAT = ("cells", "synapses", "partners", "connectivity", "types", "skeleton", "versions")
 
 
 def _ids(text: str | None) -> list[int] | None:
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bbox", help="synapses: x0,y0,z0,x1,y1,z1 in nm (stop exclusive)")
     parser.add_argument("--min-score", type=float, help="synapses: minimum detector score")
     parser.add_argument("--all", action="store_true", help="synapses/partners/connectivity: keep invalid synapses")
-    parser.add_argument("--id", type=int, help="partners: the segment")
+    parser.add_argument("--id", type=int, help="partners/skeleton: the segment")
     parser.add_argument("--direction", choices=("out", "in"), default="out", help="partners: out = targets, in = inputs")
     parser.add_argument("--by", choices=("cell_type", "segment"), default="cell_type", help="connectivity: grouping")
     parser.add_argument("--normalize", choices=("post_total",), help="connectivity: divide columns by total input")
@@ -95,6 +95,10 @@ def _query(c, args):
                               version=v)
     if args.what == "types":
         return c.cell_type_counts(classification_system=args.system, version=v)
+    if args.what == "skeleton":
+        if args.id is None:
+            raise ConnectomeError("skeleton needs --id SEGMENT")
+        return c.skeleton(args.id, version=v)
     return c.versions()
 
 

@@ -504,6 +504,21 @@ class Connectome:
             sql += f" LIMIT {q.p(limit + 1)}"
         return _finish(self._frame(sql, q.params), v, limit, "segment_id")
 
+    def skeleton(self, segment_id, *, version=None) -> pd.DataFrame:
+        """One segment's skeleton at a version: node_id, x/y/z_nm, radius_nm, parent_id, compartment,
+        compartment_confidence, ordered by node_id (empty when the segment has no skeleton yet, e.g. right after a
+        split). An unknown segment id raises QueryError."""
+        v = self._v(version)
+        sid = _as_id(segment_id, "segment_id")
+        self._check_segments(v, [sid], "skeleton")
+        q = Sql(self.backend.dialect)
+        sql = ("SELECT n.node_id, n.x_nm, n.y_nm, n.z_nm, n.radius_nm, n.parent_id, n.compartment, "
+               f"n.compartment_confidence FROM skeleton_nodes n WHERE {q.visible('n', v)} AND "
+               f"n.segment_id = {q.p(sid)} ORDER BY n.node_id")
+        df = _finish(self._frame(sql, q.params), v, None, None)
+        df.attrs["segment_id"] = sid
+        return df
+
     def cell_type_counts(self, *, classification_system: str | None = None, version=None) -> pd.DataFrame:
         """Number of cells per cell type (columns cell_type, n_cells), most common first."""
         v = self._v(version)

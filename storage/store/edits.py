@@ -1,7 +1,10 @@
 """Proofreading edits: merge, split (by fragments) and undo, each a new committed version.
 
 Why through the id map: synapses and other annotations reference fragments (supervoxels), so an edit only
-closes and adds ``id_map`` rows (plus the handful of per-segment rows in ``segments`` and ``cell_types``). Every
+closes and adds ``id_map`` rows (plus the handful of per-segment rows in ``segments`` and ``cell_types``). A merge
+also carries the parts' skeleton nodes and node embeddings to the new id (the parts' geometry is unchanged); a
+split cannot, since nodes do not record their fragment, so the new parts have no skeleton until the skeleton
+stage reruns (their old segment's nodes stay queryable at the versions before). Every
 old version stays queryable; a segment id always denotes the same set of fragments (edits mint new ids, like
 CAVE root ids), and undo is a further version that restores the touched keys to their state before the edit.
 """
@@ -113,6 +116,40 @@ def _inherit_types(tx, dialect: str, v: int, sources: list[int], sizes: dict[int
     _insert(tx, "cell_types", rows)
 
 
+def _carry_nodes(tx, dialect: str, table: str, sources: list[int], new: int, v: int, nv: int) -> None:
+    """Re-key the per-node rows (skeleton nodes, node embeddings) of merged segments to the new segment.
+
+    A merge adds no voxels, so each part's skeleton and node embeddings stay valid; node ids of the second and
+    later parts are shifted past the previous parts' so they stay unique within the new segment (parent ids with
+    them). Whole-segment rows (node_id NULL: aggregate embeddings) describe one part only and are not carried.
+    Done in SQL (INSERT ... SELECT), so a skeleton of any size costs no round trip through Python."""
+    from storage.store.schema import TABLES
+
+    q = Sql(dialect)
+    top = tx.query(f"SELECT t.segment_id, max(t.node_id) AS m FROM {table} t WHERE {q.visible('t', v)} AND "
+                   f"{q.in_list('t.segment_id', sources)} GROUP BY t.segment_id", q.params)
+    if top.empty:
+        return
+    last = {int(r.segment_id): int(r.m) for r in top.dropna().itertuples()}
+    shift, offset = {}, 0
+    for s in sources:
+        shift[s] = offset
+        offset += last.get(s, -1) + 1
+    q = Sql(dialect)
+    case = "CASE t.segment_id " + " ".join(f"WHEN {q.p(s)} THEN {q.p(shift[s])}" for s in sources) + " END"
+    cols = [c for c in TABLES[table].column_names if c not in ("version_from", "version_to")]
+    exprs = {c: f"t.{c}" for c in cols}
+    exprs["segment_id"] = q.p(new)
+    exprs["node_id"] = f"t.node_id + {case}"
+    if "parent_id" in exprs:
+        exprs["parent_id"] = f"t.parent_id + {case}"
+    tx.execute(f"INSERT INTO {table} ({', '.join(cols)}, version_from, version_to) "
+               f"SELECT {', '.join(exprs[c] for c in cols)}, {q.p(nv)}, NULL FROM {table} t "
+               f"WHERE {q.visible('t', v)} AND {q.in_list('t.segment_id', sources)} AND t.node_id IS NOT NULL",
+               q.params)
+    _close(tx, dialect, table, "segment_id", sources, nv)
+
+
 def merge(backend, a: int, b: int, *, user: str | None = None) -> EditResult:
     if a == b:
         raise QueryError(f"cannot merge segment {a} with itself")
@@ -146,6 +183,8 @@ def merge(backend, a: int, b: int, *, user: str | None = None) -> EditResult:
             _close(tx, d, "segments", "segment_id", [a, b], nv)
         _insert(tx, "segments", [row])
         _inherit_types(tx, d, v, [a, b], sizes, [new], nv, "merge")
+        for table in ("skeleton_nodes", "embeddings"):
+            _carry_nodes(tx, d, table, [a, b], new, v, nv)
         details = {"segments_before": [a, b], "segments_after": [new], "fragments": sorted(f for f, _ in mapping)}
         edit_id = _log(tx, nv, "merge", user, details)
     return EditResult(nv, "merge", edit_id, [a, b], [new])
@@ -235,6 +274,7 @@ def undo(backend, *, user: str | None = None) -> EditResult:
         segs = sorted(set(details["segments_before"]) | set(details["segments_after"]))
         _restore(tx, d, "id_map", "fragment_id", details["fragments"], parent, nv, TABLES["id_map"].column_names)
         _restore(tx, d, "segments", "segment_id", segs, parent, nv, TABLES["segments"].column_names)
-        _restore(tx, d, "cell_types", "segment_id", segs, parent, nv, TABLES["cell_types"].column_names)
+        for table in ("cell_types", "skeleton_nodes", "embeddings"):
+            _restore(tx, d, table, "segment_id", segs, parent, nv, TABLES[table].column_names)
         edit_id = _log(tx, nv, "undo", user, {"undid": int(last["edit_id"]), **details}, target=int(last["edit_id"]))
     return EditResult(nv, "undo", edit_id, list(details["segments_after"]), list(details["segments_before"]))
