@@ -143,12 +143,16 @@ def _segment(config: RunConfig, client, progress: bool) -> dict:
 def _synapses(config: RunConfig, client, seg_url: str, store_path: str, work: Path, progress: bool) -> dict:
     from pipeline.stages.synapses import run_synapse_stage
 
-    fragments = Path(config.output) / "fragments"
     table = run_synapse_stage(config.input, seg_url, store_path, config.synapses, client,
-                              ledger_dir=str(work / "ledgers"), progress=progress,
-                              fragments_url=f"precomputed://{fragments}" if (fragments / "info").exists() else None)
+                              ledger_dir=str(work / "ledgers"), progress=progress, fragments_url=_fragments(config))
     table.to_parquet(work / "synapses.parquet", index=False)
     return {"synapses": int(len(table)), "valid": int(table["valid"].sum()) if len(table) else 0}
+
+
+def _fragments(config: RunConfig) -> str | None:
+    """RUN/fragments (the pre-agglomeration supervoxels) when the segment stage wrote them."""
+    fragments = Path(config.output) / "fragments"
+    return f"precomputed://{fragments}" if (fragments / "info").exists() else None
 
 
 def _skeletonize(config: RunConfig, client, seg_url: str, store_path: str, work: Path, progress: bool) -> dict:
@@ -157,7 +161,7 @@ def _skeletonize(config: RunConfig, client, seg_url: str, store_path: str, work:
     nodes = run_skeletonize(seg_url, work / "skeletons", client=client,
                             block_shape_zyx=tuple(config.skeletonize.block_shape),
                             dust_threshold=config.skeletonize.dust_threshold, store=_store(store_path),
-                            restart=config.segment.restart, progress=progress)
+                            restart=config.segment.restart, progress=progress, fragments_url=_fragments(config))
     return {"nodes": int(len(nodes)), "skeletons": int(nodes["segment_id"].nunique()) if len(nodes) else 0}
 
 

@@ -40,6 +40,9 @@ def test_demo_runs_every_stage(tmp_path):
     cells = c.cells()
     assert len(cells) == summary["segments"]
     assert cells["cell_type"].notna().any(), "classify should have written cell types"
+    # every skeleton node knows its fragment, so a proofreading split can hand it to the right part
+    missing = c.backend.query("SELECT count(*) AS n FROM skeleton_nodes WHERE fragment_id IS NULL")["n"].iloc[0]
+    assert (out / "run" / "fragments" / "info").exists() and missing == 0
     assert (out / "run" / "segmentation" / "info").exists()
     assert (out / "run" / "synapses" / "info").exists()
     # a rerun finds every stage finished and changes nothing

@@ -24,6 +24,27 @@ def _toy(tmp_path):
     return vols
 
 
+def test_skeleton_nodes_record_the_fragment_under_them(tmp_path):
+    """With the fragments volume, every node gets the fragment at its voxel, read by the block that made it."""
+    from pipeline.cluster import ClusterConfig, open_client
+    from pipeline.stages.skeletonize import run_skeletonize
+    from storage.volume import create_volume, open_volume
+
+    vols = _toy(tmp_path)
+    seg = open_volume(vols["seg"]).read(open_volume(vols["seg"]).bounds)
+    frag = np.where(seg > 0, seg * 10 + (np.arange(96) >= 40)[None, None, :], 0).astype(np.uint64)  # 2 per tube
+    fv = create_volume(str(tmp_path / "frag.zarr"), shape_zyx=frag.shape, dtype=frag.dtype,
+                       voxel_size_xyz_nm=(16, 16, 16), chunk_shape_zyx=(24, 64, 48), kind="segmentation")
+    fv.write(fv.bounds, frag)
+    with open_client(ClusterConfig(workers=1, threads_per_worker=1, dashboard=False)) as client:
+        nodes = run_skeletonize(vols["seg"], tmp_path / "work", client=client, block_shape_zyx=(24, 64, 48),
+                                dust_threshold=10, progress=False, fragments_url=str(tmp_path / "frag.zarr"))
+    assert nodes["fragment_id"].notna().all()
+    expected = nodes["segment_id"] * 10 + (nodes["x_nm"] // 16 >= 40)
+    assert (nodes["fragment_id"].astype(int) == expected).all()
+    assert set(nodes["fragment_id"].astype(int)) == {1000, 1001, 1010, 1011, 1020, 1021, 1030, 1031}
+
+
 def test_embed_and_classify_stages(tmp_path):
     from pipeline.cluster import ClusterConfig, open_client
     from pipeline.stages.classify import run_classify, train_cell_type_classifier

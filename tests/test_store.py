@@ -335,6 +335,56 @@ def test_merge_carries_skeletons_and_node_embeddings_and_undo_restores_them(empt
     assert len(c.backend.query("SELECT * FROM embeddings WHERE version_to IS NULL")) == 4
 
 
+def test_split_hands_each_skeleton_node_and_embedding_to_the_part_holding_its_fragment(empty_store, tables):
+    c = empty_store
+    load(c, tables)
+    # segment 4 (fragments 4001, 4002): a chain 0-1-2-3-4-5 whose first half lies in 4001, the rest in 4002
+    with c.loading("skeletons") as v:
+        c.write_skeleton_nodes(pd.DataFrame({
+            "segment_id": 4, "node_id": range(6), "x_nm": [100 * i for i in range(6)], "y_nm": 50, "z_nm": 60,
+            "parent_id": pd.array([None, 0, 1, 2, 3, 4], dtype="Int64"),
+            "fragment_id": [4001, 4001, 4001, 4002, 4002, 4002]}), version=v)
+        c.write_embeddings(pd.DataFrame({"segment_id": 4, "node_id": range(6), "model": "m",
+                                         "vector": [[float(i)] for i in range(6)]}), version=v)
+    before = c.skeleton(4)
+    a, b = c.split(4, [4001], [4002]).segments_after
+    sk_a, sk_b = c.skeleton(a), c.skeleton(b)
+    assert sk_a["node_id"].tolist() == [0, 1, 2] and sk_b["node_id"].tolist() == [3, 4, 5]
+    assert sk_a["parent_id"].tolist()[1:] == [0, 1] and pd.isna(sk_a["parent_id"].iloc[0])
+    assert pd.isna(sk_b["parent_id"].iloc[0]) and sk_b["parent_id"].tolist()[1:] == [3, 4]  # edge 2-3 cut
+    assert sk_b["x_nm"].tolist() == [300, 400, 500]
+    emb = c.backend.query("SELECT segment_id, node_id, vector FROM embeddings WHERE version_to IS NULL "
+                          f"AND segment_id IN ({a}, {b}) ORDER BY node_id")
+    assert emb["segment_id"].tolist() == [a, a, a, b, b, b]
+    assert [list(x)[0] for x in emb["vector"]] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    c.undo()
+    pd.testing.assert_frame_equal(c.skeleton(4), before)
+
+
+def test_a_store_made_by_the_previous_schema_is_upgraded_in_place(tmp_path, tables):
+    """Schema 1 had no skeleton_nodes.fragment_id: opening such a store for writing adds it, keeping every row."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    store = ConnectomeStore.create(path)
+    load(store, tables)
+    n = len(store.backend.query("SELECT * FROM skeleton_nodes"))
+    store.close()
+    con = duckdb.connect(str(path))
+    con.execute("ALTER TABLE skeleton_nodes DROP COLUMN fragment_id")
+    con.execute("UPDATE store_meta SET value = '1' WHERE key = 'schema_version'")
+    con.close()
+    with Connectome.open(path, read_only=True) as old:  # read-only: read as it is
+        assert len(old.skeleton(3)) == 4
+    with Connectome.open(path) as c:
+        assert c.backend.query("SELECT value FROM store_meta WHERE key = 'schema_version'")["value"].iloc[0] == str(
+            schema.SCHEMA_VERSION)
+        rows = c.backend.query("SELECT fragment_id FROM skeleton_nodes")
+        assert len(rows) == n and rows["fragment_id"].isna().all()
+        (new,) = c.merge(3, 4).segments_after  # edits work on the upgraded store
+        assert len(c.skeleton(new)) == 8
+
+
 def test_edit_errors(empty_store, tables):
     c = empty_store
     load(c, tables)

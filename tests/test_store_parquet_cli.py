@@ -67,6 +67,36 @@ def test_parquet_release_answers_like_the_store_without_a_server(edited_store, t
     imported.close()
 
 
+def test_a_release_written_by_the_previous_schema_imports(tmp_path):
+    """Schema 1 releases have no skeleton_nodes.fragment_id: import fills it with NULL and records schema 2."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.store import schema
+
+    store = ConnectomeStore.create(tmp_path / "s.duckdb")
+    load(store, synthetic_connectome(20, 200, seed=4))
+    release = store.export_parquet(tmp_path / "release")
+    nodes = len(store.backend.query("SELECT * FROM skeleton_nodes"))
+    store.close()
+    for f in (release / "skeleton_nodes").glob("*.parquet"):
+        t = pq.read_table(f)
+        pq.write_table(t.drop_columns(["fragment_id"]), f)
+    meta = release / "store_meta"
+    for f in meta.glob("*.parquet"):
+        t = pq.read_table(f).to_pandas()
+        t.loc[t.key == "schema_version", "value"] = "1"
+        pq.write_table(pa.Table.from_pandas(t, preserve_index=False), f)
+    with Connectome.open(release) as offline:  # read in place as it is
+        assert len(offline.skeleton(3)) == 4
+    imported = ConnectomeStore.import_parquet(release, tmp_path / "imported.duckdb")
+    rows = imported.backend.query("SELECT fragment_id FROM skeleton_nodes")
+    assert len(rows) == nodes and rows["fragment_id"].isna().all()
+    version = imported.backend.query("SELECT value FROM store_meta WHERE key = 'schema_version'")["value"].iloc[0]
+    assert version == str(schema.SCHEMA_VERSION)
+    imported.close()
+
+
 def test_query_command_prints_and_writes_tables(tmp_path, capsys):
     run = tmp_path / "run"
     store = ConnectomeStore.create(run / "connectome.duckdb")

@@ -200,7 +200,7 @@ def store_tables(connectome, version: int | None = None) -> dict[str, pd.DataFra
         segments["voxel_count"] = cells["voxel_count"].fillna(0).astype(np.int64).to_numpy()
     segments["synapses_in"] = segments.segment_id.map(synapses.post_segment_id.value_counts()).fillna(0).astype(np.int64)
     segments["synapses_out"] = segments.segment_id.map(synapses.pre_segment_id.value_counts()).fillna(0).astype(np.int64)
-    # a split leaves the old segment's skeleton keyed by its old id until the skeleton stage reruns
+    # nodes of segments no longer at this version (e.g. split without fragment ids) are not published
     nodes = nodes[nodes["segment_id"].isin(segments["segment_id"])]
     return {"segments": segments, "synapses": synapses,
             "skeleton_nodes": nodes.drop(columns=[c for c in ("version_from", "version_to", "morton") if c in nodes])}

@@ -289,6 +289,10 @@ class Connectome:
         if meta.empty:
             backend.close()
             raise ConnectomeError(f"connectome store {location}: not a connectome store (no schema version)")
+        if not backend.read_only:  # (a Parquet release is always read-only)
+            from storage.store import migrate
+
+            migrate.upgrade(backend)
         return cls(backend)
 
     def close(self) -> None:

@@ -3,8 +3,8 @@
 Why through the id map: synapses and other annotations reference fragments (supervoxels), so an edit only
 closes and adds ``id_map`` rows (plus the handful of per-segment rows in ``segments`` and ``cell_types``). A merge
 also carries the parts' skeleton nodes and node embeddings to the new id (the parts' geometry is unchanged); a
-split cannot, since nodes do not record their fragment, so the new parts have no skeleton until the skeleton
-stage reruns (their old segment's nodes stay queryable at the versions before). Every
+split hands each node (and its embedding) to the part holding the node's fragment (``skeleton_nodes.fragment_id``,
+recorded by the skeleton stage) and cuts the edges between the parts. Every
 old version stays queryable; a segment id always denotes the same set of fragments (edits mint new ids, like
 CAVE root ids), and undo is a further version that restores the touched keys to their state before the edit.
 """
@@ -150,6 +150,42 @@ def _carry_nodes(tx, dialect: str, table: str, sources: list[int], new: int, v: 
     _close(tx, dialect, table, "segment_id", sources, nv)
 
 
+def _split_nodes(tx, dialect: str, segment_id: int, parts: dict[int, list[int]], v: int, nv: int) -> None:
+    """Hand each skeleton node of a split segment to the part holding the node's fragment, and its node embedding
+    with it. An edge whose two nodes land in different parts is cut (the child becomes a root). Nodes without a
+    fragment (skeletons made before nodes recorded one) go nowhere: those parts need the skeleton stage again."""
+    from storage.store.schema import TABLES
+
+    q = Sql(dialect)
+
+    def part(alias: str) -> str:
+        return "CASE " + " ".join(f"WHEN {q.in_list(alias + '.fragment_id', frags)} THEN {q.p(new)}"
+                                  for new, frags in parts.items()) + " END"
+
+    cols = [c for c in TABLES["skeleton_nodes"].column_names if c not in ("version_from", "version_to")]
+    exprs = {c: f"t.{c}" for c in cols}
+    exprs["segment_id"] = part("t")
+    exprs["parent_id"] = f"CASE WHEN {part('p')} = {part('t')} THEN t.parent_id END"
+    tx.execute(f"INSERT INTO skeleton_nodes ({', '.join(cols)}, version_from, version_to) "
+               f"SELECT {', '.join(exprs[c] for c in cols)}, {q.p(nv)}, NULL FROM skeleton_nodes t "
+               f"LEFT JOIN skeleton_nodes p ON p.segment_id = t.segment_id AND p.node_id = t.parent_id "
+               f"AND {q.visible('p', v)} "
+               f"WHERE {q.visible('t', v)} AND t.segment_id = {q.p(segment_id)} AND {part('t')} IS NOT NULL",
+               q.params)
+    q = Sql(dialect)
+    cols = [c for c in TABLES["embeddings"].column_names if c not in ("version_from", "version_to")]
+    exprs = {c: f"e.{c}" for c in cols}
+    exprs["segment_id"] = part("t")
+    tx.execute(f"INSERT INTO embeddings ({', '.join(cols)}, version_from, version_to) "
+               f"SELECT {', '.join(exprs[c] for c in cols)}, {q.p(nv)}, NULL FROM embeddings e "
+               f"JOIN skeleton_nodes t ON t.segment_id = e.segment_id AND t.node_id = e.node_id "
+               f"AND {q.visible('t', v)} "
+               f"WHERE {q.visible('e', v)} AND e.segment_id = {q.p(segment_id)} AND {part('t')} IS NOT NULL",
+               q.params)
+    for table in ("skeleton_nodes", "embeddings"):
+        _close(tx, dialect, table, "segment_id", [segment_id], nv)
+
+
 def merge(backend, a: int, b: int, *, user: str | None = None) -> EditResult:
     if a == b:
         raise QueryError(f"cannot merge segment {a} with itself")
@@ -237,6 +273,7 @@ def split(backend, segment_id: int, fragments_a: list[int], fragments_b: list[in
                 {"segment_id": n, "cell_type": r.cell_type, "confidence": _num(r.confidence),
                  "classification_system": r.classification_system, "source": "edit:split",
                  "version_from": nv, "version_to": None} for n in (n1, n2) for r in ct.itertuples()])
+        _split_nodes(tx, d, segment_id, {n1: sorted(fragments_a), n2: sorted(fragments_b)}, v, nv)
         details = {"segments_before": [segment_id], "segments_after": [n1, n2], "fragments": sorted(have),
                    "fragments_a": sorted(fragments_a), "fragments_b": sorted(fragments_b)}
         edit_id = _log(tx, nv, "split", user, details)

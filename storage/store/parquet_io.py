@@ -139,6 +139,14 @@ def create_views(con, directory: Path) -> None:
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{_sql_path(path)}/*.parquet')")
 
 
+def _with_new_columns(table: pa.Table, t: schema.Table) -> pa.Table:
+    """A release written by an older schema lacks the (nullable) columns added since: they come in as NULL."""
+    for c in t.columns:
+        if c.name not in table.column_names:
+            table = table.append_column(c.name, pa.nulls(table.num_rows, schema.TYPES[c.type][2]))
+    return table
+
+
 def import_store(store, directory: Path, chunk_rows: int = 1_000_000) -> None:
     """Load a release into an empty store, all versions kept."""
     directory = Path(directory)
@@ -155,15 +163,17 @@ def import_store(store, directory: Path, chunk_rows: int = 1_000_000) -> None:
         for name, t in schema.TABLES.items():
             if name == "synapses":
                 dataset = ds.dataset(directory / name, format="parquet", partitioning="hive")
-                table = dataset.to_table(columns=t.column_names)
+                table = dataset.to_table(columns=[c for c in t.column_names if c in dataset.schema.names])
             else:
                 table = pq.read_table(directory / name)
-            table = table.select(t.column_names).cast(t.arrow_schema())
+            table = _with_new_columns(table, t).select(t.column_names).cast(t.arrow_schema())
             if table.num_rows != manifest["tables"].get(name, table.num_rows):
                 raise ConnectomeError(f"parquet release {directory}: table {name} has {table.num_rows} rows, "
                                       f"manifest says {manifest['tables'][name]}")
             for start in range(0, table.num_rows, chunk_rows):
                 tx.insert_arrow(name, table.slice(start, chunk_rows))
+        # a release written by an older schema is now held in this one's tables
+        tx.execute("UPDATE store_meta SET value = $s WHERE key = 'schema_version'", {"s": str(schema.SCHEMA_VERSION)})
     if backend.dialect == "postgres":
         backend.execute("ANALYZE")
     else:

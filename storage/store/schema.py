@@ -157,6 +157,8 @@ SKELETON_NODES = _table(Table(
         Column("parent_id", "id", True, "parent node id; NULL for the root"),
         Column("compartment", "text", True, "axon | dendrite | soma | ..."),
         Column("compartment_confidence", "float"),
+        Column("fragment_id", "id", True, "fragment (supervoxel) under the node: a split hands the node to the part "
+                                          "holding it"),
         Column("morton", "int", False, "Z-order key of the position (computed by the store)"),
         *VERSION_COLUMNS,
     ),
@@ -243,7 +245,23 @@ INDEXES: tuple[tuple[str, str], ...] = (
     ("embeddings", "segment_id"),
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: skeleton_nodes.fragment_id
+
+
+def missing_columns_sql(dialect: str, existing: dict[str, set[str]]) -> list[str]:
+    """ALTER TABLE statements adding the columns a store made by an older schema lacks (``existing``: table ->
+    its column names). Only nullable columns are ever added to the schema, so old rows read as NULL there."""
+    i = 0 if dialect == "duckdb" else 1
+    out = []
+    for t in TABLES.values():
+        have = existing.get(t.name)
+        if not have:
+            continue
+        for c in t.columns:
+            if c.name not in have:
+                assert c.nullable, f"schema: new column {t.name}.{c.name} must be nullable"
+                out.append(f"ALTER TABLE {t.name} ADD COLUMN {c.name} {TYPES[c.type][i]}")
+    return out
 
 
 def create_table_sql(table: Table, dialect: str, name: str | None = None) -> str:

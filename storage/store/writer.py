@@ -159,8 +159,11 @@ class ConnectomeStore(Connectome):
     @classmethod
     def create(cls, location: str | Path, *, threads: int | None = None) -> "ConnectomeStore":
         """Create (or open, if it already exists) a store and make sure its schema is there."""
+        from storage.store import migrate
+
         backend = open_backend(location, create=True, threads=threads)
         backend.init_schema()
+        migrate.upgrade(backend)  # an existing store made by an older schema
         with backend.transaction() as tx:
             if tx.query("SELECT value FROM store_meta WHERE key = 'schema_version'").empty:
                 tx.execute("INSERT INTO store_meta (key, value) VALUES ('schema_version', $s)",
