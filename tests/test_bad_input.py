@@ -122,6 +122,11 @@ def test_wrong_voxel_size_is_refused_before_anything_is_written(tmp_path):
                   "--workers", "1"), "voxel")
     assert not (tmp_path / "synth" / "synth.json").exists()
 
+    # a mistyped size that cannot fit on the disk: refused up front, not after filling it
+    one_error(cli("synth", tmp_path / "huge", "--shape", "100000", "100000", "100000", "--workers", "1"),
+              "100000", "GB free")
+    assert not (tmp_path / "huge").exists()
+
     np.save(tmp_path / "img.npy", np.zeros((4, 8, 8), np.uint8))
     one_error(cli("import", tmp_path / "img.npy", tmp_path / "img.zarr", "--voxel-size", "-4", "4", "40"),
               "voxel_size", "-4")
