@@ -214,7 +214,8 @@ def _classifier(name: str | None) -> Path | None:
 
 
 def _publish(config: RunConfig, out: Path, store_path: str, work: Path, client) -> dict:
-    from viz.publish import publish_run
+    from viz.publish import PublishOptions, publish_run
 
     return publish_run(out, image=config.input, store=store_path, skeletons_dir=work / "skeletons",
-                       meshes=config.publish.meshes, client=client)
+                       meshes=config.publish.meshes, client=client,
+                       options=PublishOptions(image_encoding="jpeg" if config.publish.jpeg else "raw"))

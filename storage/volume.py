@@ -454,10 +454,11 @@ def _positive_triple(values: Sequence[float], name: str, integer: bool = True) -
 def create_volume(url: str, *, shape_zyx: Sequence[int], dtype: Any, voxel_size_xyz_nm: Sequence[float],
                   chunk_shape_zyx: Sequence[int], shard_shape_zyx: Sequence[int] | None = None,
                   kind: str = "image", voxel_offset_xyz: Sequence[int] = (0, 0, 0), format: str | None = None,
-                  delete_existing: bool = False) -> Volume:
+                  delete_existing: bool = False, encoding: str | None = None) -> Volume:
     """Create a volume (scale 0) and return it open for writing (fill_missing=True: nothing is written yet).
 
-    Defaults: zarr3 for plain paths; segmentation precomputed is compressed_segmentation; a shard shape makes
+    Defaults: zarr3 for plain paths; segmentation precomputed is compressed_segmentation, image precomputed raw
+    (``encoding="jpeg"`` for uint8 EM: lossy, ~10x smaller, what large EM releases serve); a shard shape makes
     zarr3 use sharding_indexed (inner chunks = chunk_shape) and precomputed use neuroglancer_uint64_sharded_v1
     with shard parameters computed so that one shard is exactly one `shard_shape` box.
     """
@@ -479,6 +480,8 @@ def create_volume(url: str, *, shape_zyx: Sequence[int], dtype: Any, voxel_size_
         np_dtype = np.dtype(dtype)
     except TypeError:
         raise VolumeError(f"unknown dtype {dtype!r}") from None
+    if encoding is not None:
+        _check_encoding(encoding, fmt, kind, np_dtype)
     shard = None
     if shard_shape_zyx is not None:
         shard = _positive_triple(shard_shape_zyx, "shard_shape_zyx")
@@ -498,7 +501,7 @@ def create_volume(url: str, *, shape_zyx: Sequence[int], dtype: Any, voxel_size_
             raise VolumeError(f"{name} already exists ({existing}); pass delete_existing=True (CLI: --overwrite) "
                               "to replace it")
     spec = _array_create_spec(fmt, array_kv, shape, np_dtype, chunk, shard, kind, voxel_size, offset,
-                              first_scale=True)
+                              first_scale=True, encoding=encoding)
     try:
         ts.open(spec, create=True, context=ts_context()).result()
     except Exception as exc:
@@ -544,9 +547,25 @@ def _blosc(dtype: np.dtype) -> dict:
                                                "shuffle": "bitshuffle" if dtype.itemsize == 1 else "shuffle"}}
 
 
+PRECOMPUTED_ENCODINGS = ("raw", "jpeg", "compressed_segmentation")
+
+
+def _check_encoding(encoding: str, fmt: str, kind: str, dtype: np.dtype) -> None:
+    if fmt != "neuroglancer_precomputed":
+        raise VolumeError(f"encoding {encoding!r} is for precomputed volumes; {fmt} compresses with blosc/zstd")
+    if encoding not in PRECOMPUTED_ENCODINGS:
+        raise VolumeError(f"unknown precomputed encoding {encoding!r}; use one of {', '.join(PRECOMPUTED_ENCODINGS)}")
+    if encoding == "jpeg" and (kind != "image" or dtype != np.uint8):
+        raise VolumeError(f"jpeg encoding needs a uint8 image, got a {dtype} {kind}")
+    if encoding == "compressed_segmentation" and dtype not in (np.uint32, np.uint64):
+        raise VolumeError(f"compressed_segmentation needs uint32 or uint64, got {dtype}")
+
+
 def _array_create_spec(fmt: str, kv: dict, shape: tuple, dtype: np.dtype, chunk: tuple, shard: tuple | None,
-                       kind: str, voxel_size: tuple, offset: tuple, first_scale: bool) -> dict:
-    """TensorStore create spec for one scale array (ZYX shape/chunk/shard)."""
+                       kind: str, voxel_size: tuple, offset: tuple, first_scale: bool,
+                       encoding: str | None = None) -> dict:
+    """TensorStore create spec for one scale array (ZYX shape/chunk/shard); ``encoding`` only for precomputed
+    (default: compressed_segmentation for uint32/uint64 segmentations, else raw)."""
     if fmt == "zarr3":
         inner = [{"name": "bytes", "configuration": {"endian": "little"}}, _blosc(dtype)]
         if shard is not None:
@@ -575,7 +594,9 @@ def _array_create_spec(fmt: str, kv: dict, shape: tuple, dtype: np.dtype, chunk:
         return {"driver": "n5", "kvstore": kv, "metadata": meta}
     if fmt == "neuroglancer_precomputed":
         shape_xyz, chunk_xyz = list(reversed(shape)), list(reversed(chunk))
-        encoding = "compressed_segmentation" if kind == "segmentation" and dtype in (np.uint32, np.uint64) else "raw"
+        if encoding is None:
+            encoding = "compressed_segmentation" if kind == "segmentation" and dtype in (np.uint32, np.uint64) \
+                else "raw"
         scale: dict = {"size": shape_xyz, "resolution": list(voxel_size), "voxel_offset": list(offset),
                        "encoding": encoding, "chunk_size": chunk_xyz}
         if encoding == "compressed_segmentation":
@@ -653,15 +674,18 @@ def create_scale(vol: Volume, factor_xyz: Sequence[int], *, chunk_shape_zyx: Seq
     n = len(levels)
     path = {"zarr": str(n), "zarr3": str(n), "n5": f"s{n}"}.get(vol.format, str(n))
     array_kv = vol._root if vol.format == "neuroglancer_precomputed" else kvstore_join(vol._root, path)
+    encoding = None  # precomputed: a new scale is encoded like the one it is made from (jpeg stays jpeg)
+    if vol.format == "neuroglancer_precomputed":
+        encoding = (read_json(vol._root, "info") or {}).get("scales", [{}] * (vol.scale + 1))[vol.scale].get("encoding")
     try:
         spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, shard, vol.kind, voxel_size,
-                                  offset, first_scale=False)
+                                  offset, first_scale=False, encoding=encoding)
     except VolumeError:
         if shard is None or vol.format != "neuroglancer_precomputed":
             raise
         # the level-0 shard shape is not a Morton block of this smaller grid: store this level unsharded
         spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, None, vol.kind, voxel_size,
-                                  offset, first_scale=False)
+                                  offset, first_scale=False, encoding=encoding)
     try:
         if vol.format == "neuroglancer_precomputed":
             ts.open(spec, create=True, open=True, context=ts_context()).result()

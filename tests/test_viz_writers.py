@@ -71,6 +71,26 @@ def test_image_pyramid_is_mean_downsampled(tmp_path, sample):
     assert np.abs(coarse - expect).max() <= 1.0
 
 
+def test_jpeg_image_pyramid_is_smaller_and_close(tmp_path, sample):
+    """JPEG EM (what large releases serve): every scale jpeg-encoded, read back by cloud-volume within JPEG's loss,
+    and smaller than raw."""
+    image, _, _ = sample
+    for enc in ("raw", "jpeg"):
+        write_pyramid(tmp_path / enc, image, PyramidSpec("image", (8, 8, 8), chunk_size_xyz=(32, 32, 32), encoding=enc))
+    info = json.loads((tmp_path / "jpeg" / "info").read_text())
+    assert len(info["scales"]) > 1 and {s["encoding"] for s in info["scales"]} == {"jpeg"}
+    back = np.asarray(_cv(tmp_path / "jpeg")[:, :, :])[..., 0].transpose(2, 1, 0).astype(float)
+    assert np.abs(back - image).mean() < 3.0
+    coarse = np.asarray(_cv(tmp_path / "jpeg", mip=1)[:, :, :])[..., 0].transpose(2, 1, 0).astype(float)
+    expect = image.astype(float).reshape(32, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
+    assert np.abs(coarse - expect).mean() < 0.25 * expect.std()  # quality 75 on a busier, downsampled texture
+
+    def size(d):
+        return sum(f.stat().st_size for f in (tmp_path / d).rglob("*") if f.is_file())
+
+    assert size("jpeg") < size("raw") / 2
+
+
 def test_bad_pyramid_input_errors(tmp_path, sample):
     image, seg, _ = sample
     with pytest.raises(ConnectomeError, match="integer"):

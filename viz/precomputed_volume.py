@@ -22,7 +22,7 @@ from storage.pyramid import build_pyramid
 from storage.volume import create_volume
 from viz.kvstore import kvstore_url, read_json, write_json
 
-IMAGE_ENCODINGS = ("raw",)
+IMAGE_ENCODINGS = ("raw", "jpeg")
 SEGMENTATION_ENCODINGS = ("compressed_segmentation",)
 
 
@@ -34,7 +34,7 @@ class PyramidSpec:
     voxel_size_xyz_nm: tuple[float, float, float]
     voxel_offset_xyz: tuple[int, int, int] = (0, 0, 0)
     chunk_size_xyz: tuple[int, int, int] = (64, 64, 64)
-    encoding: str | None = None  # image: raw; segmentation: compressed_segmentation (storage.volume's choices)
+    encoding: str | None = None  # image: raw (default) or jpeg (uint8); segmentation: compressed_segmentation
     sharded: bool = False
     num_scales: int | None = None  # None: downsample until the volume fits in one chunk
     max_shard_chunks: int = 8  # chunks per shard along each axis (a power of two)
@@ -120,6 +120,7 @@ def write_pyramid(dest: str | os.PathLike, data: Any, spec: PyramidSpec, *, dele
         "precomputed://" + kvstore_url(dest), shape_zyx=shape_zyx, dtype=dtype,
         voxel_size_xyz_nm=spec.voxel_size_xyz_nm, chunk_shape_zyx=chunk_zyx, shard_shape_zyx=shard_zyx,
         kind=spec.kind, voxel_offset_xyz=spec.voxel_offset_xyz, delete_existing=delete_existing,
+        encoding=spec.resolved_encoding,
     )
     align = vol.chunk_shape
     k = max(1, int(round((spec.block_voxels / int(np.prod(align))) ** (1 / 3))))
