@@ -116,26 +116,36 @@ def _inherit_types(tx, dialect: str, v: int, sources: list[int], sizes: dict[int
     _insert(tx, "cell_types", rows)
 
 
-def _carry_nodes(tx, dialect: str, table: str, sources: list[int], new: int, v: int, nv: int) -> None:
-    """Re-key the per-node rows (skeleton nodes, node embeddings) of merged segments to the new segment.
-
-    A merge adds no voxels, so each part's skeleton and node embeddings stay valid; node ids of the second and
-    later parts are shifted past the previous parts' so they stay unique within the new segment (parent ids with
-    them). Whole-segment rows (node_id NULL: aggregate embeddings) describe one part only and are not carried.
-    Done in SQL (INSERT ... SELECT), so a skeleton of any size costs no round trip through Python."""
-    from storage.store.schema import TABLES
-
+def _node_shifts(tx, dialect: str, sources: list[int], v: int) -> dict[int, int]:
+    """Per merged segment, what its node ids are shifted by so they stay unique in the new segment: past the
+    previous parts' largest node id in either per-node table (one shift for both, so an embedding keeps
+    pointing at its node)."""
     q = Sql(dialect)
-    top = tx.query(f"SELECT t.segment_id, max(t.node_id) AS m FROM {table} t WHERE {q.visible('t', v)} AND "
-                   f"{q.in_list('t.segment_id', sources)} GROUP BY t.segment_id", q.params)
-    if top.empty:
-        return
-    last = {int(r.segment_id): int(r.m) for r in top.dropna().itertuples()}
+    top = tx.query(" UNION ALL ".join(
+        f"SELECT t.segment_id, max(t.node_id) AS m FROM {table} t WHERE {q.visible('t', v)} AND "
+        f"{q.in_list('t.segment_id', sources)} GROUP BY t.segment_id" for table in ("skeleton_nodes", "embeddings")),
+        q.params)
+    last: dict[int, int] = {}
+    for r in top.dropna().itertuples():
+        last[int(r.segment_id)] = max(last.get(int(r.segment_id), -1), int(r.m))
     shift, offset = {}, 0
     for s in sources:
         shift[s] = offset
         offset += last.get(s, -1) + 1
+    return shift
+
+
+def _carry_nodes(tx, dialect: str, table: str, shift: dict[int, int], new: int, v: int, nv: int) -> None:
+    """Re-key the per-node rows (skeleton nodes, node embeddings) of merged segments to the new segment, node ids
+    shifted by ``shift`` (parent ids with them).
+
+    A merge adds no voxels, so each part's skeleton and node embeddings stay valid. Whole-segment rows (node_id
+    NULL: aggregate embeddings) describe one part only and are not carried. Done in SQL (INSERT ... SELECT), so a
+    skeleton of any size costs no round trip through Python."""
+    from storage.store.schema import TABLES
+
     q = Sql(dialect)
+    sources = list(shift)
     case = "CASE t.segment_id " + " ".join(f"WHEN {q.p(s)} THEN {q.p(shift[s])}" for s in sources) + " END"
     cols = [c for c in TABLES[table].column_names if c not in ("version_from", "version_to")]
     exprs = {c: f"t.{c}" for c in cols}
@@ -219,8 +229,9 @@ def merge(backend, a: int, b: int, *, user: str | None = None) -> EditResult:
             _close(tx, d, "segments", "segment_id", [a, b], nv)
         _insert(tx, "segments", [row])
         _inherit_types(tx, d, v, [a, b], sizes, [new], nv, "merge")
+        shift = _node_shifts(tx, d, [a, b], v)
         for table in ("skeleton_nodes", "embeddings"):
-            _carry_nodes(tx, d, table, [a, b], new, v, nv)
+            _carry_nodes(tx, d, table, shift, new, v, nv)
         details = {"segments_before": [a, b], "segments_after": [new], "fragments": sorted(f for f, _ in mapping)}
         edit_id = _log(tx, nv, "merge", user, details)
     return EditResult(nv, "merge", edit_id, [a, b], [new])
