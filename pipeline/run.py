@@ -50,6 +50,7 @@ class ClassifyConfig:
 class PublishConfig:
     meshes: bool = True
     jpeg: bool = False
+    jpeg_quality: int | None = None  # with jpeg: 1-100 (None: 75)
 
 
 @dataclass
@@ -218,4 +219,5 @@ def _publish(config: RunConfig, out: Path, store_path: str, work: Path, client) 
 
     return publish_run(out, image=config.input, store=store_path, skeletons_dir=work / "skeletons",
                        meshes=config.publish.meshes, client=client,
-                       options=PublishOptions(image_encoding="jpeg" if config.publish.jpeg else "raw"))
+                       options=PublishOptions(image_encoding="jpeg" if config.publish.jpeg else "raw",
+                                              jpeg_quality=config.publish.jpeg_quality))

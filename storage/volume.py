@@ -454,11 +454,13 @@ def _positive_triple(values: Sequence[float], name: str, integer: bool = True) -
 def create_volume(url: str, *, shape_zyx: Sequence[int], dtype: Any, voxel_size_xyz_nm: Sequence[float],
                   chunk_shape_zyx: Sequence[int], shard_shape_zyx: Sequence[int] | None = None,
                   kind: str = "image", voxel_offset_xyz: Sequence[int] = (0, 0, 0), format: str | None = None,
-                  delete_existing: bool = False, encoding: str | None = None) -> Volume:
+                  delete_existing: bool = False, encoding: str | None = None,
+                  jpeg_quality: int | None = None) -> Volume:
     """Create a volume (scale 0) and return it open for writing (fill_missing=True: nothing is written yet).
 
     Defaults: zarr3 for plain paths; segmentation precomputed is compressed_segmentation, image precomputed raw
-    (``encoding="jpeg"`` for uint8 EM: lossy, ~10x smaller, what large EM releases serve); a shard shape makes
+    (``encoding="jpeg"`` for uint8 EM: lossy, several times smaller, what large EM releases serve; ``jpeg_quality``
+    1-100, TensorStore's default 75); a shard shape makes
     zarr3 use sharding_indexed (inner chunks = chunk_shape) and precomputed use neuroglancer_uint64_sharded_v1
     with shard parameters computed so that one shard is exactly one `shard_shape` box.
     """
@@ -482,6 +484,9 @@ def create_volume(url: str, *, shape_zyx: Sequence[int], dtype: Any, voxel_size_
         raise VolumeError(f"unknown dtype {dtype!r}") from None
     if encoding is not None:
         _check_encoding(encoding, fmt, kind, np_dtype)
+    if jpeg_quality is not None and (encoding != "jpeg" or not 1 <= int(jpeg_quality) <= 100):
+        raise VolumeError(f"jpeg_quality must be 1-100 and needs encoding='jpeg', got {jpeg_quality!r} "
+                          f"with encoding {encoding!r}")
     shard = None
     if shard_shape_zyx is not None:
         shard = _positive_triple(shard_shape_zyx, "shard_shape_zyx")
@@ -501,7 +506,7 @@ def create_volume(url: str, *, shape_zyx: Sequence[int], dtype: Any, voxel_size_
             raise VolumeError(f"{name} already exists ({existing}); pass delete_existing=True (CLI: --overwrite) "
                               "to replace it")
     spec = _array_create_spec(fmt, array_kv, shape, np_dtype, chunk, shard, kind, voxel_size, offset,
-                              first_scale=True, encoding=encoding)
+                              first_scale=True, encoding=encoding, jpeg_quality=jpeg_quality)
     try:
         ts.open(spec, create=True, context=ts_context()).result()
     except Exception as exc:
@@ -563,7 +568,7 @@ def _check_encoding(encoding: str, fmt: str, kind: str, dtype: np.dtype) -> None
 
 def _array_create_spec(fmt: str, kv: dict, shape: tuple, dtype: np.dtype, chunk: tuple, shard: tuple | None,
                        kind: str, voxel_size: tuple, offset: tuple, first_scale: bool,
-                       encoding: str | None = None) -> dict:
+                       encoding: str | None = None, jpeg_quality: int | None = None) -> dict:
     """TensorStore create spec for one scale array (ZYX shape/chunk/shard); ``encoding`` only for precomputed
     (default: compressed_segmentation for uint32/uint64 segmentations, else raw)."""
     if fmt == "zarr3":
@@ -601,6 +606,8 @@ def _array_create_spec(fmt: str, kv: dict, shape: tuple, dtype: np.dtype, chunk:
                        "encoding": encoding, "chunk_size": chunk_xyz}
         if encoding == "compressed_segmentation":
             scale["compressed_segmentation_block_size"] = [min(8, c) for c in chunk_xyz]
+        if encoding == "jpeg" and jpeg_quality is not None:
+            scale["jpeg_quality"] = int(jpeg_quality)
         if shard is not None:
             scale["sharding"] = precomputed_sharding(shape_xyz, chunk_xyz, list(reversed(shard)))
         spec = {"driver": "neuroglancer_precomputed", "kvstore": kv, "scale_metadata": scale}
@@ -674,18 +681,19 @@ def create_scale(vol: Volume, factor_xyz: Sequence[int], *, chunk_shape_zyx: Seq
     n = len(levels)
     path = {"zarr": str(n), "zarr3": str(n), "n5": f"s{n}"}.get(vol.format, str(n))
     array_kv = vol._root if vol.format == "neuroglancer_precomputed" else kvstore_join(vol._root, path)
-    encoding = None  # precomputed: a new scale is encoded like the one it is made from (jpeg stays jpeg)
+    encoding = quality = None  # precomputed: a new scale is encoded like the one it is made from (jpeg stays jpeg)
     if vol.format == "neuroglancer_precomputed":
-        encoding = (read_json(vol._root, "info") or {}).get("scales", [{}] * (vol.scale + 1))[vol.scale].get("encoding")
+        source = (read_json(vol._root, "info") or {}).get("scales", [{}] * (vol.scale + 1))[vol.scale]
+        encoding, quality = source.get("encoding"), source.get("jpeg_quality")
     try:
         spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, shard, vol.kind, voxel_size,
-                                  offset, first_scale=False, encoding=encoding)
+                                  offset, first_scale=False, encoding=encoding, jpeg_quality=quality)
     except VolumeError:
         if shard is None or vol.format != "neuroglancer_precomputed":
             raise
         # the level-0 shard shape is not a Morton block of this smaller grid: store this level unsharded
         spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, None, vol.kind, voxel_size,
-                                  offset, first_scale=False, encoding=encoding)
+                                  offset, first_scale=False, encoding=encoding, jpeg_quality=quality)
     try:
         if vol.format == "neuroglancer_precomputed":
             ts.open(spec, create=True, open=True, context=ts_context()).result()

@@ -89,6 +89,13 @@ def test_jpeg_image_pyramid_is_smaller_and_close(tmp_path, sample):
         return sum(f.stat().st_size for f in (tmp_path / d).rglob("*") if f.is_file())
 
     assert size("jpeg") < size("raw") / 2
+    # a higher quality is kept at every scale and costs bytes for fidelity
+    write_pyramid(tmp_path / "q95", image, PyramidSpec("image", (8, 8, 8), chunk_size_xyz=(32, 32, 32),
+                                                       encoding="jpeg", jpeg_quality=95))
+    info = json.loads((tmp_path / "q95" / "info").read_text())
+    assert {s.get("jpeg_quality") for s in info["scales"]} == {95}
+    fine = np.asarray(_cv(tmp_path / "q95")[:, :, :])[..., 0].transpose(2, 1, 0).astype(float)
+    assert np.abs(fine - image).mean() < np.abs(back - image).mean() and size("q95") > size("jpeg")
 
 
 def test_bad_pyramid_input_errors(tmp_path, sample):
@@ -97,6 +104,8 @@ def test_bad_pyramid_input_errors(tmp_path, sample):
         write_pyramid(tmp_path / "bad", image.astype(np.float32), PyramidSpec("segmentation", (8, 8, 8)))
     with pytest.raises(ConnectomeError, match="encoding"):
         PyramidSpec("segmentation", (8, 8, 8), encoding="jpeg")
+    with pytest.raises(ConnectomeError, match="jpeg_quality"):
+        write_pyramid(tmp_path / "q", image, PyramidSpec("image", (8, 8, 8), jpeg_quality=90))  # raw + quality
     with pytest.raises(ConnectomeError, match="3-d"):
         write_pyramid(tmp_path / "bad", image[0], PyramidSpec("image", (8, 8, 8)))
 

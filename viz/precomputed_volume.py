@@ -35,6 +35,7 @@ class PyramidSpec:
     voxel_offset_xyz: tuple[int, int, int] = (0, 0, 0)
     chunk_size_xyz: tuple[int, int, int] = (64, 64, 64)
     encoding: str | None = None  # image: raw (default) or jpeg (uint8); segmentation: compressed_segmentation
+    jpeg_quality: int | None = None  # with jpeg: 1-100 (None: TensorStore's 75)
     sharded: bool = False
     num_scales: int | None = None  # None: downsample until the volume fits in one chunk
     max_shard_chunks: int = 8  # chunks per shard along each axis (a power of two)
@@ -120,7 +121,7 @@ def write_pyramid(dest: str | os.PathLike, data: Any, spec: PyramidSpec, *, dele
         "precomputed://" + kvstore_url(dest), shape_zyx=shape_zyx, dtype=dtype,
         voxel_size_xyz_nm=spec.voxel_size_xyz_nm, chunk_shape_zyx=chunk_zyx, shard_shape_zyx=shard_zyx,
         kind=spec.kind, voxel_offset_xyz=spec.voxel_offset_xyz, delete_existing=delete_existing,
-        encoding=spec.resolved_encoding,
+        encoding=spec.resolved_encoding, jpeg_quality=spec.jpeg_quality,
     )
     align = vol.chunk_shape
     k = max(1, int(round((spec.block_voxels / int(np.prod(align))) ** (1 / 3))))

@@ -48,6 +48,7 @@ MESH, SKELETONS, SEGMENT_PROPERTIES = "mesh", "skeletons", "segment_properties"
 class PublishOptions:
     chunk_size_xyz: tuple[int, int, int] = (64, 64, 64)
     image_encoding: str = "raw"  # or "jpeg"
+    jpeg_quality: int | None = None  # with jpeg: 1-100 (None: 75)
     sharded: bool | None = None  # None: shard volumes larger than 512^3 voxels
     mesh: MeshOptions = field(default_factory=MeshOptions)
     mesh_format: str = "auto"  # legacy | multires | auto (multires above 10,000 segments)
@@ -129,7 +130,8 @@ def publish_layers(
         n = int(np.prod(data.shape))
         sharded = options.sharded if options.sharded is not None else n > 512**3
         return PyramidSpec(kind, tuple(voxel_size_xyz_nm), tuple(voxel_offset_xyz), options.chunk_size_xyz,
-                           encoding=encoding, sharded=sharded)
+                           encoding=encoding, sharded=sharded,
+                           jpeg_quality=options.jpeg_quality if encoding == "jpeg" else None)
 
     if image is not None:
         url = join(run, RAW)

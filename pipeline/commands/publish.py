@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voxel-size", type=_xyz(float), default=None, metavar="X,Y,Z", help="nm, if no volume says")
     parser.add_argument("--chunk", type=_xyz(int), default=(64, 64, 64), metavar="X,Y,Z", help="chunk size (voxels)")
     parser.add_argument("--sharded", action="store_true", default=None, help="shard volumes (default: above 512^3)")
-    parser.add_argument("--jpeg", action="store_true", help="encode the EM pyramid as JPEG (uint8; lossy, ~10x smaller)")
+    parser.add_argument("--jpeg", action="store_true", help="encode the EM pyramid as JPEG (uint8; lossy, smaller)")
+    parser.add_argument("--jpeg-quality", type=int, default=None, metavar="Q", help="with --jpeg: 1-100 (default 75)")
 
 
 def _same(a: str, b: str) -> bool:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             args.run, connectome, image=image, fragments=fragments, segmentation=segmentation,
             voxel_size_xyz_nm=args.voxel_size, version=args.version,
             options=PublishOptions(chunk_size_xyz=args.chunk, sharded=args.sharded,
-                                   image_encoding="jpeg" if args.jpeg else "raw"),
+                                   image_encoding="jpeg" if args.jpeg else "raw", jpeg_quality=args.jpeg_quality),
             write_fragments=fragments_url is not None and not _same(fragments_url, join(args.run, FRAGMENTS)),
         )
     for name, layer in report["layers"].items():
