@@ -9,6 +9,7 @@ trained on uniform patches learns to say "no" everywhere.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import time
@@ -247,28 +248,25 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
         for i, entry in enumerate(config["data"]):
             if "synthetic" in entry:
                 d = entry["synthetic"]
-                source = ("synthetic", int(d["seed"]), tuple(int(n) for n in d["shape_zyx"]),
-                          float(d.get("cleft_dilation_nm", 0.0)))
+                make = functools.partial(synthetic_volume, int(d["seed"]), tuple(int(n) for n in d["shape_zyx"]),
+                                         cleft_dilation_nm=float(d.get("cleft_dilation_nm", 0.0)))
             elif "isbi" in entry:
                 d = entry["isbi"]
-                source = ("isbi", d["folder"], range(int(d["first"]), int(d["stop"])))
+                make = functools.partial(isbi_volume, d["folder"], range(int(d["first"]), int(d["stop"])))
             else:
                 raise ConfigError(f"{where}: data[{i}] must have 'synthetic' or 'isbi', got {entry}")
             weight = float(entry.get("weight", 1.0))
             if not weight > 0:
                 raise ConfigError(f"{where}: data[{i}] weight must be > 0, got {weight}")
-            sources.append((source, weight))
+            sources.append((make, weight))
         out = Path(config["out"])
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: bad value ({exc})") from None
     volumes = []
-    for source, weight in sources:
-        if source[0] == "synthetic":
-            volumes.append(synthetic_volume(source[1], source[2], cleft_dilation_nm=source[3]))
-        else:
-            volumes.append(isbi_volume(source[1], source[2]))
+    for make, weight in sources:  # the slow part, only once the whole config is known to be good
+        volumes.append(make())
         volumes[-1].weight = weight
     out.mkdir(parents=True, exist_ok=True)
     return train(volumes, model_config, out, **settings)

@@ -552,7 +552,8 @@ def _blosc(dtype: np.dtype) -> dict:
                                                "shuffle": "bitshuffle" if dtype.itemsize == 1 else "shuffle"}}
 
 
-PRECOMPUTED_ENCODINGS = ("raw", "jpeg", "compressed_segmentation")
+IMAGE_ENCODINGS = ("raw", "jpeg")
+PRECOMPUTED_ENCODINGS = IMAGE_ENCODINGS + ("compressed_segmentation",)
 
 
 def _check_encoding(encoding: str, fmt: str, kind: str, dtype: np.dtype) -> None:
@@ -683,7 +684,7 @@ def create_scale(vol: Volume, factor_xyz: Sequence[int], *, chunk_shape_zyx: Seq
     array_kv = vol._root if vol.format == "neuroglancer_precomputed" else kvstore_join(vol._root, path)
     encoding = quality = None  # precomputed: a new scale is encoded like the one it is made from (jpeg stays jpeg)
     if vol.format == "neuroglancer_precomputed":
-        source = (read_json(vol._root, "info") or {}).get("scales", [{}] * (vol.scale + 1))[vol.scale]
+        source = ((read_json(vol._root, "info") or {}).get("scales") or [])[vol.scale]
         encoding, quality = source.get("encoding"), source.get("jpeg_quality")
     try:
         spec = _array_create_spec(vol.format, array_kv, shape_zyx, vol.dtype, chunk, shard, vol.kind, voxel_size,

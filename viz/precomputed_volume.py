@@ -19,10 +19,9 @@ import numpy as np
 from storage.box import BlockGrid, Box
 from storage.errors import ConnectomeError
 from storage.pyramid import build_pyramid
-from storage.volume import create_volume
+from storage.volume import IMAGE_ENCODINGS, create_volume
 from viz.kvstore import kvstore_url, read_json, write_json
 
-IMAGE_ENCODINGS = ("raw", "jpeg")
 SEGMENTATION_ENCODINGS = ("compressed_segmentation",)
 
 

@@ -53,11 +53,14 @@ def fragments_at(fragments: np.ndarray, box: Box, vertices_nm: np.ndarray, voxel
     return fragments[tuple(idx.T)].astype(np.int64)
 
 
-def merge_pieces(work_dir: str | Path, join_radius_nm: float) -> tuple[dict[int, Skeleton], dict]:
-    """{segment: merged skeleton} and {(segment, x, y, z nm rounded): fragment} from the blocks' pieces (a vertex
-    that two blocks share has the same position, hence the same key, in both)."""
+NODE_KEY = ["segment_id", "x_nm", "y_nm", "z_nm"]
+
+
+def merge_pieces(work_dir: str | Path, join_radius_nm: float) -> tuple[dict[int, Skeleton], pd.DataFrame]:
+    """{segment: merged skeleton} and the blocks' node fragments (columns NODE_KEY + fragment_id, positions as
+    ``skeletons_to_table`` rounds them: a vertex two blocks share has the same key in both)."""
     pieces: dict[int, list[Skeleton]] = {}
-    fragment_of: dict = {}
+    fragments = []
     for path in sorted((Path(work_dir) / PIECES).glob("block_*.npz"), key=lambda p: p.name):
         if ".tmp" in path.name:
             continue
@@ -66,10 +69,12 @@ def merge_pieces(work_dir: str | Path, join_radius_nm: float) -> tuple[dict[int,
                 v = z[f"{sid}_v"]
                 pieces.setdefault(int(sid), []).append(Skeleton(v, z[f"{sid}_e"], z[f"{sid}_r"]))
                 if f"{sid}_f" in z.files:
-                    for xyz, f in zip(np.rint(v).astype(np.int64).tolist(), z[f"{sid}_f"].tolist()):
-                        fragment_of[(int(sid), *xyz)] = int(f)
+                    xyz = np.rint(v).astype(np.int32)
+                    fragments.append(pd.DataFrame({"segment_id": np.int64(sid), "x_nm": xyz[:, 0], "y_nm": xyz[:, 1],
+                                                   "z_nm": xyz[:, 2], "fragment_id": z[f"{sid}_f"]}))
     merged = {sid: merge_skeletons(p, join_radius_nm=join_radius_nm) for sid, p in sorted(pieces.items())}
-    return merged, fragment_of
+    frag = pd.concat(fragments, ignore_index=True).drop_duplicates(NODE_KEY) if fragments else None
+    return merged, frag
 
 
 def run_skeletonize(seg_url: str, work_dir: str | Path, *, client, block_shape_zyx=(128, 128, 128),
@@ -92,11 +97,11 @@ def run_skeletonize(seg_url: str, work_dir: str | Path, *, client, block_shape_z
                   restart=restart, progress=progress)
     if join_radius_nm is None:
         join_radius_nm = 2.0 * float(max(seg.voxel_size))
-    skeletons, fragment_of = merge_pieces(work_dir, join_radius_nm)
+    skeletons, fragments = merge_pieces(work_dir, join_radius_nm)
     table = skeletons_to_table(skeletons)
-    if fragments_url and len(table):
-        keys = zip(table["segment_id"].tolist(), table["x_nm"].tolist(), table["y_nm"].tolist(), table["z_nm"].tolist())
-        table["fragment_id"] = pd.array([fragment_of.get(k) for k in keys], dtype="Int64")
+    if fragments is not None and len(table):
+        table = table.merge(fragments, on=NODE_KEY, how="left", validate="many_to_one")
+        table["fragment_id"] = table["fragment_id"].astype("Int64")
     tmp = work_dir / (SKELETONS_FILE + ".tmp")
     table.to_parquet(tmp, index=False)
     os.replace(tmp, work_dir / SKELETONS_FILE)

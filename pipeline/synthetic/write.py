@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,6 @@ BYTES_PER_VOXEL = 1.6
 def check_disk_space(dst: Path, shape_zyx) -> None:
     """Refuse, before writing anything, a volume that cannot fit where it is to be written (a mistyped size would
     otherwise fill the disk block by block)."""
-    import shutil
-
     need = float(np.prod(np.asarray(shape_zyx, dtype=np.float64))) * BYTES_PER_VOXEL
     where = dst
     while not where.exists() and where != where.parent:

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from storage.errors import ConnectomeError, QueryError
-from storage.store import morton, versions
+from storage.store import morton, schema, versions
 from storage.store.backend import open_backend
 from storage.store.duckdb_backend import POST_COPY
 from storage.store.sql import Sql
@@ -289,7 +289,7 @@ class Connectome:
         if meta.empty:
             backend.close()
             raise ConnectomeError(f"connectome store {location}: not a connectome store (no schema version)")
-        if not backend.read_only:  # (a Parquet release is always read-only)
+        if not backend.read_only and int(meta["value"].iloc[0]) < schema.SCHEMA_VERSION:  # (releases: read-only)
             from storage.store import migrate
 
             migrate.upgrade(backend)

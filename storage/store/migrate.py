@@ -15,6 +15,11 @@ def stored_version(tx) -> int:
     return int(meta["value"].iloc[0]) if len(meta) else 0
 
 
+def record_version(tx) -> None:
+    """Mark the store as holding this schema (after an upgrade or an import)."""
+    tx.execute("UPDATE store_meta SET value = $s WHERE key = 'schema_version'", {"s": str(schema.SCHEMA_VERSION)})
+
+
 def upgrade(backend) -> int | None:
     """Upgrade to ``schema.SCHEMA_VERSION`` if the store is older; returns the version upgraded from, or None."""
     with backend.transaction() as tx:
@@ -28,5 +33,5 @@ def upgrade(backend) -> int | None:
             existing.setdefault(str(t), set()).add(str(c))
         for stmt in schema.missing_columns_sql(backend.dialect, existing):
             tx.execute(stmt)
-        tx.execute("UPDATE store_meta SET value = $s WHERE key = 'schema_version'", {"s": str(schema.SCHEMA_VERSION)})
+        record_version(tx)
     return old

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from storage.errors import ConnectomeError
-from storage.store import schema, versions
+from storage.store import migrate, schema, versions
 
 FORMAT = "connectome-store-parquet"
 META_SCHEMA = pa.schema([("key", pa.string()), ("value", pa.string())])
@@ -172,8 +172,7 @@ def import_store(store, directory: Path, chunk_rows: int = 1_000_000) -> None:
                                       f"manifest says {manifest['tables'][name]}")
             for start in range(0, table.num_rows, chunk_rows):
                 tx.insert_arrow(name, table.slice(start, chunk_rows))
-        # a release written by an older schema is now held in this one's tables
-        tx.execute("UPDATE store_meta SET value = $s WHERE key = 'schema_version'", {"s": str(schema.SCHEMA_VERSION)})
+        migrate.record_version(tx)  # a release written by an older schema is now held in this one's tables
     if backend.dialect == "postgres":
         backend.execute("ANALYZE")
     else:

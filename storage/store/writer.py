@@ -163,13 +163,13 @@ class ConnectomeStore(Connectome):
 
         backend = open_backend(location, create=True, threads=threads)
         backend.init_schema()
-        migrate.upgrade(backend)  # an existing store made by an older schema
         with backend.transaction() as tx:
-            if tx.query("SELECT value FROM store_meta WHERE key = 'schema_version'").empty:
+            if migrate.stored_version(tx) == 0:
                 tx.execute("INSERT INTO store_meta (key, value) VALUES ('schema_version', $s)",
                            {"s": str(schema.SCHEMA_VERSION)})
             if tx.query("SELECT version FROM versions").empty:
                 versions.begin(tx, "load", "empty store", None, status="committed")
+        migrate.upgrade(backend)  # an existing store made by an older schema (a new one is current already)
         return cls(backend)
 
     @classmethod
