@@ -317,12 +317,21 @@ def test_merge_carries_skeletons_and_node_embeddings_and_undo_restores_them(empt
     pd.testing.assert_frame_equal(sk.sort_values(key)[key].reset_index(drop=True),
                                   before.sort_values(key)[key].reset_index(drop=True), check_dtype=False)
 
-    def parent_points(df):
+    def edges(df):  # undirected, as pairs of points (node ids differ between the parts and the merged cell)
         pos = df.set_index("node_id")[key]
         kids = df.dropna(subset=["parent_id"])
-        return sorted(map(tuple, pos.loc[kids["parent_id"].astype(int)].to_numpy().tolist()))
+        ends = zip(map(tuple, kids[key].to_numpy().tolist()),
+                   map(tuple, pos.loc[kids["parent_id"].astype(int)].to_numpy().tolist()))
+        return sorted(tuple(sorted(e)) for e in ends)
 
-    assert parent_points(sk) == sorted(parent_points(sk5) + parent_points(sk6))
+    # one tree: every edge of both parts (re-rooting only turns some around) plus one edge joining the parts at
+    # their closest nodes
+    assert sk["parent_id"].isna().sum() == 1
+    p5, p6 = sk5[key].to_numpy(float), sk6[key].to_numpy(float)
+    d = np.linalg.norm(p5[:, None] - p6[None], axis=2)
+    i, j = np.unravel_index(d.argmin(), d.shape)
+    join = tuple(sorted((tuple(sk5[key].iloc[i].tolist()), tuple(sk6[key].iloc[j].tolist()))))
+    assert edges(sk) == sorted(edges(sk5) + edges(sk6) + [join])
     emb = c.backend.query(f"SELECT node_id, vector FROM embeddings WHERE segment_id = {new} AND version_to IS NULL "
                           "ORDER BY node_id")
     # node embeddings follow their node (6's node 1 comes after 5's nodes 0-3, though 5's last embedding is on
@@ -337,6 +346,25 @@ def test_merge_carries_skeletons_and_node_embeddings_and_undo_restores_them(empt
     c.undo()
     pd.testing.assert_frame_equal(c.skeleton(5), sk5, check_like=True)
     assert len(c.backend.query("SELECT * FROM embeddings WHERE version_to IS NULL")) == 4
+
+
+def test_merge_joins_the_skeletons_at_their_closest_nodes_re_rooting_the_second(empty_store, tables):
+    c = empty_store
+    load(c, tables)
+    # segment 1: a chain rooted at x=0 (0, 100, 200, 300); segment 2: a chain rooted at x=1000 whose leaf (x=700)
+    # is its node closest to segment 1, so the join re-roots segment 2 there and turns its whole path around
+    with c.loading("skeletons") as v:
+        c.write_skeleton_nodes(pd.DataFrame({
+            "segment_id": [1] * 4 + [2] * 4, "node_id": list(range(4)) * 2,
+            "x_nm": [0, 100, 200, 300, 1000, 900, 800, 700], "y_nm": 50, "z_nm": 60,
+            "parent_id": pd.array([None, 0, 1, 2, None, 0, 1, 2], dtype="Int64")}), version=v)
+    (new,) = c.merge(1, 2).segments_after
+    sk = c.skeleton(new).set_index("node_id")
+    x = sk["x_nm"].astype(int)
+    parent_x = {int(x[n]): (None if pd.isna(p) else int(x[int(p)])) for n, p in sk["parent_id"].items()}
+    assert parent_x == {0: None, 100: 0, 200: 100, 300: 200, 700: 300, 800: 700, 900: 800, 1000: 900}
+    c.undo()
+    assert c.skeleton(2)["parent_id"].isna().tolist() == [True, False, False, False]  # the old root again
 
 
 def test_split_hands_each_skeleton_node_and_embedding_to_the_part_holding_its_fragment(empty_store, tables):

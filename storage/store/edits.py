@@ -2,7 +2,8 @@
 
 Why through the id map: synapses and other annotations reference fragments (supervoxels), so an edit only
 closes and adds ``id_map`` rows (plus the handful of per-segment rows in ``segments`` and ``cell_types``). A merge
-also carries the parts' skeleton nodes and node embeddings to the new id (the parts' geometry is unchanged); a
+also carries the parts' skeleton nodes and node embeddings to the new id (the parts' geometry is unchanged) and
+joins the two skeletons with one edge between their closest nodes, so the merged cell is one tree at once; a
 split hands each node (and its embedding) to the part holding the node's fragment (``skeleton_nodes.fragment_id``,
 recorded by the skeleton stage) and cuts the edges between the parts. Every
 old version stays queryable; a segment id always denotes the same set of fragments (edits mint new ids, like
@@ -160,6 +161,41 @@ def _carry_nodes(tx, dialect: str, table: str, shift: dict[int, int], new: int, 
     _close(tx, dialect, table, "segment_id", sources, nv)
 
 
+def _join_parts(tx, dialect: str, segment_id: int, first_of_b: int, nv: int) -> None:
+    """Join a merged skeleton's two parts (nodes below ``first_of_b`` come from the first part) with one edge
+    between their closest nodes: the second part's tree is re-rooted at its closest node (the parent pointers on
+    the path to its old root reverse), whose parent becomes the first part's closest node.
+
+    Why: a merge is a proofreader saying "these are one cell", and path lengths, compartment walks and the
+    viewer's skeleton layer all need one tree; without the join the cell stays two pieces until the skeleton
+    stage reruns. Only the path is rewritten, so the cost is one read of the two parts' node positions."""
+    from scipy.spatial import cKDTree
+
+    q = Sql(dialect)
+    nodes = tx.query(f"SELECT node_id, parent_id, x_nm, y_nm, z_nm FROM skeleton_nodes WHERE segment_id = "
+                     f"{q.p(segment_id)} AND version_from = {q.p(nv)} ORDER BY node_id", q.params)
+    is_b = nodes["node_id"] >= first_of_b
+    part_a, part_b = nodes[~is_b], nodes[is_b]
+    if part_a.empty or part_b.empty:
+        return
+    xyz = ["x_nm", "y_nm", "z_nm"]
+    dist, nearest = cKDTree(part_a[xyz].to_numpy(float)).query(part_b[xyz].to_numpy(float))
+    k = int(dist.argmin())  # ties: the first node of b in node order (the query is ordered below)
+    child, anchor = int(part_b["node_id"].iloc[k]), int(part_a["node_id"].iloc[int(nearest[k])])
+    parent = dict(zip(part_b["node_id"].astype(int), part_b["parent_id"]))
+    new_parent, node, up = {child: anchor}, child, parent.get(child)
+    while up is not None and not pd.isna(up) and int(up) not in new_parent:  # to the old root, reversing edges
+        new_parent[int(up)] = node
+        node, up = int(up), parent.get(int(up))
+    items = sorted(new_parent.items())
+    for lo in range(0, len(items), 1000):  # bounded parameter lists, whatever the path length
+        q = Sql(dialect)
+        chunk = items[lo:lo + 1000]
+        case = "CASE node_id " + " ".join(f"WHEN {q.p(n)} THEN {q.p(p)}" for n, p in chunk) + " END"
+        tx.execute(f"UPDATE skeleton_nodes SET parent_id = {case} WHERE segment_id = {q.p(segment_id)} AND "
+                   f"version_from = {q.p(nv)} AND {q.in_list('node_id', [n for n, _ in chunk])}", q.params)
+
+
 def _split_nodes(tx, dialect: str, segment_id: int, parts: dict[int, list[int]], v: int, nv: int) -> None:
     """Hand each skeleton node of a split segment to the part holding the node's fragment, and its node embedding
     with it. An edge whose two nodes land in different parts is cut (the child becomes a root). Nodes without a
@@ -232,6 +268,7 @@ def merge(backend, a: int, b: int, *, user: str | None = None) -> EditResult:
         shift = _node_shifts(tx, d, [a, b], v)
         for table in ("skeleton_nodes", "embeddings"):
             _carry_nodes(tx, d, table, shift, new, v, nv)
+        _join_parts(tx, d, new, shift[b], nv)
         details = {"segments_before": [a, b], "segments_after": [new], "fragments": sorted(f for f, _ in mapping)}
         edit_id = _log(tx, nv, "merge", user, details)
     return EditResult(nv, "merge", edit_id, [a, b], [new])
