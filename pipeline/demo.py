@@ -28,11 +28,21 @@ def demo_config(raw_url: str, out: Path, gpu: bool = False) -> RunConfig:
     return config
 
 
-def _half(segment_id: int) -> int:
-    """Deterministic split of segments into classifier-training (0) and held-out (1) halves."""
+def training_segments(truth: pd.DataFrame) -> set[int]:
+    """The classifier-training half of the labelled segments; the rest are scored in the summary.
+
+    Stratified by cell type (every other segment of each type, in md5 order of the id, the first to training), so
+    both halves hold every type that has two segments: with a plain hash split a small run whose segments are
+    mostly axons can leave the training half with one class, and the classifier cannot be trained."""
     import hashlib
 
-    return hashlib.md5(str(int(segment_id)).encode()).digest()[0] & 1
+    def key(segment_id) -> bytes:
+        return hashlib.md5(str(int(segment_id)).encode()).digest()
+
+    train: set[int] = set()
+    for _, ids in truth.groupby("cell_type")["segment_id"]:
+        train.update(int(x) for x in sorted(ids, key=key)[::2])
+    return train
 
 
 def ground_truth_types(synth_dir: Path, run_dir: Path) -> pd.DataFrame:
@@ -52,7 +62,7 @@ def ground_truth_types(synth_dir: Path, run_dir: Path) -> pd.DataFrame:
 def write_training_labels(synth_dir: Path, run_dir: Path) -> Path:
     """Labels for the classifier-training half of the segments (the other half is scored in the summary)."""
     labels = ground_truth_types(synth_dir, run_dir)
-    labels = labels[[_half(s) == 0 for s in labels["segment_id"]]]
+    labels = labels[labels["segment_id"].astype(int).isin(training_segments(labels))]
     path = run_dir / "work" / "demo_training_labels.csv"
     labels.to_csv(path, index=False)
     return path
@@ -89,7 +99,9 @@ def score_run(synth_dir: Path, run_dir: Path) -> dict:
         pred = pd.read_parquet(cell_types_file)
         truth = ground_truth_types(synth_dir, run_dir)
         true_of = dict(zip(truth["segment_id"].astype(int), truth["cell_type"]))
-        held_out = [(p, true_of.get(int(s))) for s, p in zip(pred["segment_id"], pred["cell_type"]) if _half(s) == 1]
+        train = training_segments(truth)
+        held_out = [(p, true_of.get(int(s))) for s, p in zip(pred["segment_id"], pred["cell_type"])
+                    if int(s) not in train]
         ok = [p == t for p, t in held_out if t is not None]
         out["cell_type_accuracy"] = round(float(np.mean(ok)), 4) if ok else None
         out["cell_type_scored_segments"] = len(ok)
