@@ -45,14 +45,18 @@ def training_segments(truth: pd.DataFrame) -> set[int]:
     return train
 
 
-def ground_truth_types(synth_dir: Path, run_dir: Path) -> pd.DataFrame:
-    """segment_id, cell_type of each predicted segment: the type of the ground-truth cell it overlaps most."""
-    from pipeline.synapse_metrics import overlap_id_map
-    from storage.volume import open_volume
+def ground_truth_types(synth_dir: Path, run_dir: Path, id_map: dict[int, int] | None = None) -> pd.DataFrame:
+    """segment_id, cell_type of each predicted segment: the type of the ground-truth cell it overlaps most.
 
-    gt_vol = open_volume(str(synth_dir / "gt"))
-    seg_vol = open_volume(f"precomputed://{run_dir / 'segmentation'}")
-    id_map = overlap_id_map(seg_vol.read(seg_vol.bounds), gt_vol.read(gt_vol.bounds))
+    ``id_map`` (predicted -> ground-truth id, as ``overlap_id_map``) saves reading both volumes again when the
+    caller has it."""
+    if id_map is None:
+        from pipeline.synapse_metrics import overlap_id_map
+        from storage.volume import open_volume
+
+        gt_vol = open_volume(str(synth_dir / "gt"))
+        seg_vol = open_volume(f"precomputed://{run_dir / 'segmentation'}")
+        id_map = overlap_id_map(seg_vol.read(seg_vol.bounds), gt_vol.read(gt_vol.bounds))
     truth = pd.read_parquet(synth_dir / "cell_types.parquet")
     type_of = dict(zip(truth["segment_id"].astype(np.uint64), truth["cell_type"]))
     rows = [(s, type_of.get(np.uint64(g))) for s, g in id_map.items()]
@@ -97,7 +101,7 @@ def score_run(synth_dir: Path, run_dir: Path) -> dict:
     cell_types_file = run_dir / "work" / "skeletons" / "cell_types.parquet"
     if cell_types_file.exists():
         pred = pd.read_parquet(cell_types_file)
-        truth = ground_truth_types(synth_dir, run_dir)
+        truth = ground_truth_types(synth_dir, run_dir, id_map)
         true_of = dict(zip(truth["segment_id"].astype(int), truth["cell_type"]))
         train = training_segments(truth)
         held_out = [(p, true_of.get(int(s))) for s, p in zip(pred["segment_id"], pred["cell_type"])

@@ -1,4 +1,5 @@
-"""The demo end to end on a small volume: every stage runs, the store is filled, the summary is scored and JSON."""
+"""The demo end to end on a small volume: every stage runs, the store is filled, the summary is scored and JSON;
+and the split of labelled segments into classifier-training and scored halves."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +53,17 @@ def test_demo_runs_every_stage(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stdout + again.stderr
     assert len(Connectome.open(str(out / "run" / "connectome.duckdb")).cells()) == len(cells)
+
+
+def test_classifier_training_half_holds_every_cell_type_with_two_segments():
+    from pipeline.demo import training_segments
+
+    # mostly axons, as in a small demo run: a plain hash split can leave one half with axons only
+    truth = pd.DataFrame({"segment_id": range(1, 24),
+                          "cell_type": ["axon"] * 18 + ["glia"] * 2 + ["spiny_dendrite"] * 2 + ["smooth_dendrite"]})
+    train = training_segments(truth)
+    held_out = set(truth["segment_id"]) - train
+    type_of = dict(zip(truth["segment_id"], truth["cell_type"]))
+    assert {type_of[s] for s in train} == set(truth["cell_type"])  # a type with one segment goes to training
+    assert {type_of[s] for s in held_out} == {"axon", "glia", "spiny_dendrite"}
+    assert len(train) == 12 and training_segments(truth.iloc[::-1]) == train  # half of each type, order-free

@@ -180,7 +180,7 @@ def _join_parts(tx, dialect: str, segment_id: int, first_of_b: int, nv: int) -> 
         return
     xyz = ["x_nm", "y_nm", "z_nm"]
     dist, nearest = cKDTree(part_a[xyz].to_numpy(float)).query(part_b[xyz].to_numpy(float))
-    k = int(dist.argmin())  # ties: the first node of b in node order (the query is ordered below)
+    k = int(dist.argmin())  # ties: the first node of b in node order (the query above is ordered)
     child, anchor = int(part_b["node_id"].iloc[k]), int(part_a["node_id"].iloc[int(nearest[k])])
     parent = dict(zip(part_b["node_id"].astype(int), part_b["parent_id"]))
     new_parent, node, up = {child: anchor}, child, parent.get(child)
