@@ -11,7 +11,9 @@ sections z 120-169 of ../shared/data/flyem_fib_medulla_train (a medulla model tr
 Training data (baseline parameters, `--tune`): synthetic seed 3, medulla z 60-109.
 
 `--tune` also sweeps the agglomeration rule on the training volumes (from the run's saved edge table, no
-re-segmentation) and prints the VOI for each setting; the defaults in pipeline/stages/agglomerate.py come from it.
+re-segmentation) and prints the VOI for each setting; each packaged FFN model records the rule chosen there
+and whether it is on by default (`metadata.agglomeration` in its config.json, read by `rule_for_model`): on only
+when the chosen rule also improves the held-out volumes' blockwise VOI.
 
     python benchmarks/segment_quality.py [--model synthetic_small] [--medulla-model medulla_small] [--xy 128] [--tune]
 
@@ -40,7 +42,9 @@ from pipeline.baseline import best_baseline, watershed_baseline  # noqa: E402
 from pipeline.cluster import ClusterConfig, open_client  # noqa: E402
 from pipeline.metrics import evaluate  # noqa: E402
 from pipeline.segmentation import SegmentConfig, run_segmentation  # noqa: E402
-from pipeline.stages.agglomerate import AgglomerationParams, agglomerated_lookup, merge_decisions  # noqa: E402
+from ffn.model import load_config  # noqa: E402
+from pipeline.stages.agglomerate import (AgglomerationParams, agglomerated_lookup, merge_decisions,  # noqa: E402
+                                         rule_for_model)
 from pipeline.stages.relabel import apply_lookup  # noqa: E402
 from storage.box import Box  # noqa: E402
 from storage.volume import create_volume, open_volume  # noqa: E402
@@ -127,7 +131,8 @@ def sweep(out: Path, shape, gt, grid) -> list[dict]:
 
 
 def tune_grid(base: AgglomerationParams) -> list[AgglomerationParams]:
-    grid = [replace(base, min_ratio=r, min_contact=c) for r in (0.8, 0.85, 0.9, 0.95, 1.0) for c in (10, 30, 100)]
+    grid = [replace(base, min_ratio=r, min_contact=c) for r in (0.85, 0.9, 0.95, 1.0, 1.05, 1.1)
+            for c in (30, 100, 300)]
     grid += [replace(base, min_ratio=None, min_intensity=i, min_contact=30) for i in (120.0, 140.0, 150.0, 160.0)]
     return grid
 
@@ -153,6 +158,8 @@ def evaluate_dataset(client, tmp: Path, name: str, raw, gt, voxel_size, train, m
         "blockwise_vs_one_block": {k: round(evaluate(many[k], one[k]).voi, 4) for k in ("off", "on")},
         "seconds": {"baseline": round(t_base, 1), "blockwise": round(t_many, 1), "one_block": round(t_one, 1)},
         "merges": {"blockwise": s_many["merges"], "one_block": s_one["merges"]},
+        "agglomeration": {**s_many["agglomeration"],
+                          "on_by_default": rule_for_model(load_config(model).metadata).enabled},
     }
     if tune:
         train_root = tmp / f"{name}_train"
@@ -160,7 +167,7 @@ def evaluate_dataset(client, tmp: Path, name: str, raw, gt, voxel_size, train, m
         _, _, _ = segment(client, train_root, "blockwise", train[0], train[2], model, block, overlap, chunk,
                           agglomeration)
         row["tuning_on_training_data"] = sweep(train_root / "blockwise", train[0].shape, train[1],
-                                               tune_grid(agglomeration))
+                                               tune_grid(AgglomerationParams()))
     return row
 
 
@@ -177,7 +184,7 @@ def main() -> int:
     args = parser.parse_args()
     from ffn.model import resolve_model
 
-    agglomeration = SegmentConfig().agglomeration
+    agglomeration = None  # each model's own rule (pipeline.stages.agglomerate.rule_for_model)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp, \
             open_client(ClusterConfig(workers=args.workers, threads_per_worker=1, dashboard=False)) as client:
@@ -203,7 +210,6 @@ def main() -> int:
                     agglomeration, args.tune)
                 print(json.dumps({"medulla_z120_169": results["medulla_z120_169"]}), file=sys.stderr)
 
-    default = "on" if SegmentConfig().agglomerate else "off"
     print(f"{'dataset':<20} {'method':<28} {'VOI':>7} {'split':>7} {'merge':>7} {'ARAND':>7}")
     summary = {}
     for ds, row in results.items():
@@ -211,6 +217,7 @@ def main() -> int:
                        "blockwise_agglomeration_off", "blockwise_agglomeration_on"):
             s = row[method]
             print(f"{ds:<20} {method:<28} {s['voi']:7.3f} {s['voi_split']:7.3f} {s['voi_merge']:7.3f} {s['arand']:7.3f}")
+        default = "on" if row["agglomeration"]["on_by_default"] else "off"  # as the model records it
         one = row[f"one_block_agglomeration_{default}"]["voi"]
         many = row[f"blockwise_agglomeration_{default}"]["voi"]
         summary[ds] = {
@@ -220,10 +227,10 @@ def main() -> int:
                                               - row["blockwise_agglomeration_off"]["voi"], 4),
             "blockwise_arand": row[f"blockwise_agglomeration_{default}"]["arand"],
             "baseline_arand": row["baseline"]["arand"],
+            "agglomeration": row["agglomeration"],
         }
     ratios = [v["blockwise_over_one_block"] for v in summary.values() if v["blockwise_over_one_block"]]
-    out = {"datasets": summary, "agglomerate_default": SegmentConfig().agglomerate,
-           "agglomeration_default": SegmentConfig().agglomeration.__dict__,
+    out = {"datasets": summary,
            "max_blockwise_over_one_block": max(ratios) if ratios else None, "details": results}
     print(json.dumps(out, default=str))
     return 0

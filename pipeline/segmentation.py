@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.stages.agglomerate import (AgglomerationParams, agglomerated_lookup, edges_block, merge_decisions,
-                                         score_edges)
+                                         rule_for_model, score_edges)
 from pipeline.stages.reconcile import build_lookup, reconcile_block
 from pipeline.stages.relabel import combine_statistics, relabel_block
 from pipeline.stages.segment import segment_block
@@ -86,8 +86,8 @@ class SegmentConfig:
     seed_context: tuple[int, int, int] | None = None  # image read around a read box for seeds; default = overlap
     seed_reach: float | None = 0.5  # seeds only within this fraction of the overlap outside the write box
     fill_holes: bool = True  # write-box voxels a block left at 0 take a neighbour's fragment there
-    agglomerate: bool = True
-    agglomeration: AgglomerationParams = field(default_factory=AgglomerationParams)
+    agglomerate: bool | None = None  # None: as recorded with the model (rule_for_model)
+    agglomeration: AgglomerationParams | None = None  # None: the rule recorded with the model (rule_for_model)
     pyramid_levels: int = 2
     chunk_shape: tuple[int, int, int] | None = None  # default: block_shape capped at (32, 64, 64)
     fill_missing: bool = False
@@ -178,6 +178,9 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
         raise ConfigError(f"segment: input {config.input} has dtype {source.dtype}; FFN models take uint8 EM")
     model_dir = str(resolve_model(config.model))
     _, ffn_config = load_model(model_dir)
+    rule = rule_for_model(ffn_config.metadata)
+    agglomerate = rule.enabled if config.agglomerate is None else config.agglomerate
+    agg_params = rule.params if config.agglomeration is None else config.agglomeration
 
     block_zyx = _zyx(config.block_shape)
     overlap_zyx = _zyx(config.overlap)
@@ -216,11 +219,11 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
     timer.seconds["reconcile"] += time.perf_counter() - t0
 
     merges = 0
-    if config.agglomerate:
-        agg_grid = BlockGrid(source.bounds, block_zyx, (config.agglomeration.expand_voxels + 1,) * 3, chunk_zyx)
+    if agglomerate:
+        agg_grid = BlockGrid(source.bounds, block_zyx, (agg_params.expand_voxels + 1,) * 3, chunk_zyx)
         edge_results = timer.run("agglomerate", run_blockwise, "agglomerate", agg_grid, edges_block, params=dict(
             fragments_spec=fragments.spec, image_spec=source.spec, lookup_path=str(out / "reconcile.parquet"),
-            expand_voxels=config.agglomeration.expand_voxels, fill_missing=config.fill_missing,
+            expand_voxels=agg_params.expand_voxels, fill_missing=config.fill_missing,
             lookup_digest=lookup_digest(lookup),
         ), client=client, ledger_dir=ledgers, restart=config.restart, progress=progress)
         edges = pd.concat([pd.DataFrame(r["edges"]) for r in edge_results.values()], ignore_index=True) \
@@ -230,7 +233,7 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
         if len(edges):
             scored = score_edges(edges, seg_int)
             write_parquet_atomic(scored, out / "agglomeration_edges.parquet")  # for tuning and proofreading
-            decisions = merge_decisions(scored, config.agglomeration)
+            decisions = merge_decisions(scored, agg_params)
         else:
             decisions = pd.DataFrame(columns=["a", "b"])
         merges = len(decisions)
@@ -255,6 +258,9 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
         "fragments": int(len(fragment_ids)),
         "equivalences": int(len(equivalences)),
         "merges": int(merges),
+        "agglomeration": {"on": bool(agglomerate), "source": {
+            "on": "config" if config.agglomerate is not None else rule.source,
+            "params": "config" if config.agglomeration is not None else rule.source}, **agg_params.__dict__},
         "segments": int(len(stats)),
         "steps": int(sum(r.get("steps", 0) for r in seg_results.values())),
         "voxels": int(np.prod(source.shape)),

@@ -126,6 +126,23 @@ def test_relative_rule_merges_on_contact_as_bright_as_interiors():
     assert merge_decisions(edges, AgglomerationParams(min_contact=3, min_ratio=0.9)).empty
 
 
+
+def test_agglomeration_rule_per_model():
+    from ffn.model import load_config, resolve_model
+    from pipeline.stages.agglomerate import ModelRule, rule_for_model
+    from storage.errors import ConfigError
+
+    assert rule_for_model({}) == ModelRule(True, AgglomerationParams(), "default")
+    recorded = {"agglomeration": {"enabled": False, "params": {"min_ratio": 0.95, "min_contact": 300}}}
+    assert rule_for_model(recorded) == ModelRule(False, AgglomerationParams(min_ratio=0.95, min_contact=300), "model")
+    with pytest.raises(ConfigError, match="min_ration"):
+        rule_for_model({"agglomeration": {"params": {"min_ration": 0.9}}})
+    # the packaged small models record the decision measured for them (held out: agglomeration made VOI worse)
+    for name in ("synthetic_small", "medulla_small"):
+        assert rule_for_model(load_config(resolve_model(name)).metadata).source == "model"
+        assert not rule_for_model(load_config(resolve_model(name)).metadata).enabled
+
+
 def test_match_box_is_the_central_slab_around_the_face():
     from pipeline.stages.reconcile import match_box
     from storage.box import Box, BlockGrid

@@ -88,8 +88,9 @@ def face_cuts(seg: np.ndarray, gt: np.ndarray, faces: list[tuple[int, int]]) -> 
 @pytest.fixture(scope="module")
 def one_and_many(client, volume):
     root, gt = volume
-    one = _segment(client, root, "one", SHAPE)
-    many = _segment(client, root, "many", (16, 64, 64))
+    # agglomeration on (the packaged model records it as off) so the stage runs here, resume test included
+    one = _segment(client, root, "one", SHAPE, agglomerate=True)
+    many = _segment(client, root, "many", (16, 64, 64), agglomerate=True)
     return one, many, gt
 
 
@@ -179,10 +180,27 @@ def test_outputs_open_in_cloudvolume_and_store(one_and_many, volume):
     assert counts[some] == int((many == some).sum())
 
 
+
+def test_agglomeration_rule_is_the_models_own(volume, one_and_many):
+    """The run applies the rule recorded with its FFN model unless the config sets one, and records which it used
+    and where each part came from."""
+    import json
+    from dataclasses import asdict
+
+    from ffn.model import load_config, resolve_model
+    from pipeline.stages.agglomerate import rule_for_model
+
+    root, _ = volume
+    used = json.loads((root / "many" / "segment_summary.json").read_text())["agglomeration"]
+    rule = rule_for_model(load_config(resolve_model(MODEL)).metadata)
+    assert used == {"on": True, "source": {"on": "config", "params": rule.source}, **asdict(rule.params)}
+    assert (root / "many" / "agglomeration_edges.parquet").is_file()
+
+
 def _cli(root: Path, name: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "segment", "--input", str(root / "raw.zarr"),
             "--output", str(root / name), "--model", MODEL, "--block-shape", "16", "64", "64",
-            "--overlap", "8", "16", "16", "--workers", "2"]
+            "--overlap", "8", "16", "16", "--workers", "2", "--agglomerate"]
 
 
 def test_resume_after_killed_driver(volume, one_and_many):

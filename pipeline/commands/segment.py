@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", default=None, help="local | address | slurm | kubernetes (default local)")
     parser.add_argument("--address", default=None, help="scheduler address for --cluster address")
     parser.add_argument("--gpu", action="store_true", default=None, help="declare GPU=1 for FFN blocks")
-    parser.add_argument("--no-agglomerate", dest="agglomerate", action="store_false", default=None)
+    parser.add_argument("--agglomerate", action=argparse.BooleanOptionalAction, default=None,
+                        help="merge over-segmented neighbours (default: as recorded with the model)")
     parser.add_argument("--fill-missing", action="store_true", default=None, help="read missing input chunks as 0")
     parser.add_argument("--restart", action="store_true", default=None, help="ignore existing ledgers")
 

@@ -11,22 +11,22 @@ blocks and merges pairs whose contact is bright enough with one union-find, whic
 segments (`min_ratio`), so one setting serves datasets (and parts of one dataset) of different brightness; the
 absolute `min_intensity` rule remains for callers without segment intensities.
 
-Measured effect (benchmarks/segment_quality.py, 2026-11-29, 2x2x2 blocks; the small FFN models available then
-label only 35-45 % of the voxels, so absolute VOIs are high and dominated by unlabelled voxels):
-- tuning on training data (medulla z 60-109, 50x128x128; synthetic seed 3, 32x128x128), sweep of 19 rules:
-  min_ratio 1.0 / min_contact 100 gave VOI 3.54 (medulla) and 5.61 (synthetic), within 0.24 of the best rule on
-  each; the previous absolute rule (150 / 30) 3.67 and 5.59: it merged 17 pairs on the medulla training sections
-  but 81 on the validation sections of the same volume, i.e. it depends on brightness, the ratio does not.
-- held out, medulla z 120-169 (50x128x128): VOI 4.29 -> 3.60 with agglomeration (split 1.97 -> 1.23, merge
-  2.33 -> 2.37, ARAND 0.92 -> 0.74); one block 4.16 -> 3.62. Synthetic seed 11 (previous absolute rule):
-  5.282 -> 5.277 (merges are rare there: FFN leaves membrane-wide gaps that 3 voxels of growth rarely close).
-So `agglomerate: True` stays the default. FFN resegmentation at decision points (google/ffn) is the next step if
-merges of the bright-contact rule become the dominant error.
+Whether it helps depends on the FFN model, so each packaged model records its own rule and whether it is on
+(`rule_for_model`). Measured with benchmarks/segment_quality.py (2x2x2 blocks; rules chosen on training volumes
+with --tune, then checked held out, blockwise VOI off -> on):
+- synthetic_small (100k steps): chosen min_ratio 0.95 / min_contact 300 on seed 3 (4.868 -> 4.835); held out,
+  seed 11 3.322 -> 3.684, seed 12 4.199 -> 4.175. Recorded off.
+- medulla_small: chosen min_ratio 0.9 / min_contact 30 on z 60-109 (3.790 -> 3.125 at 128x128); held out,
+  z 120-169 at 128x128 2.441 -> 2.666 (the library default rule: 2.541). Recorded off.
+With the earlier, weaker models (which labelled 35-45 % of the voxels) the library default rule (min_ratio 1.0,
+min_contact 100) took medulla z 120-169 from 4.29 to 3.60; a model that records nothing gets that rule, on.
+FFN resegmentation at decision points (google/ffn) is the next step if merges of the bright-contact rule remain
+the dominant error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ import scipy.ndimage as ndi
 
 from pipeline.stages.reconcile import build_lookup
 from storage.box import Block
+from storage.errors import ConfigError
 from storage.volume import open_volume
 
 
@@ -51,6 +52,33 @@ class AgglomerationParams:
     min_intensity: float = 150.0
     min_contact: int = 100
     min_ratio: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class ModelRule:
+    """Whether and how to agglomerate the output of one FFN model; `source`: "model" (its config.json says) or
+    "default" (it says nothing: on, with AgglomerationParams())."""
+
+    enabled: bool
+    params: AgglomerationParams
+    source: str
+
+
+def rule_for_model(metadata: dict) -> ModelRule:
+    """The agglomeration rule recorded with an FFN model (config.json ``metadata.agglomeration``: ``enabled`` and
+    ``params``), else the library default.
+
+    Why per model: the rule decides which of the FFN's own splits to undo, so whether it helps depends on how that
+    FFN splits and merges; a model is packaged with the decision measured for it (benchmarks/segment_quality.py:
+    the rule chosen on training volumes with --tune, kept on only if it also helps the held-out volumes)."""
+    recorded = (metadata or {}).get("agglomeration")
+    if not recorded:
+        return ModelRule(True, AgglomerationParams(), "default")
+    tuned = recorded.get("params", {})
+    unknown = sorted(set(tuned) - {f.name for f in fields(AgglomerationParams)})
+    if unknown:
+        raise ConfigError(f"FFN model metadata: unknown agglomeration parameter(s) {unknown}")
+    return ModelRule(bool(recorded.get("enabled", True)), AgglomerationParams(**tuned), "model")
 
 
 def expand_labels(labels: np.ndarray, distance: int) -> np.ndarray:
