@@ -101,7 +101,7 @@ def test_cell_types_differ_by_morphology_not_brightness():
 def test_synapses_have_cleft_labels_between_axon_and_dendrite():
     params, block = synth_volume()
     syn, gt, clefts = block.synapses, block.volumes["gt"], block.volumes["clefts"]
-    assert len(syn) >= 20
+    assert len(syn) >= 8
     types = dict(zip(block.segments.segment_id.tolist(), block.segments.cell_type))
     assert (syn.pre_segment_id != syn.post_segment_id).all()
     assert all(types.get(int(s)) == "axon" for s in syn.pre_segment_id)
@@ -110,6 +110,11 @@ def test_synapses_have_cleft_labels_between_axon_and_dendrite():
     present = dict(zip(ids.tolist(), counts.tolist()))
     inside = syn[(syn.z > 2) & (syn.z < 125) & (syn.y > 8) & (syn.y < 120) & (syn.x > 8) & (syn.x < 120)]
     assert all(present.get(int(s), 0) > 10 for s in inside.synapse_id), "every synapse needs cleft voxels"
+    # both partners line every cleft (before the apposition check, 30 % of clefts had no postsynaptic voxel: no
+    # PSD was drawn, the synapse was invisible; overlapping clefts share voxels, so only > 0 is exact here)
+    for row in syn.itertuples():
+        m = clefts == row.synapse_id
+        assert (m & (gt == row.pre_segment_id)).any() and (m & (gt == row.post_segment_id)).any(), row.synapse_id
     # cleft voxels lie on the boundary between its two partners
     for row in inside.head(10).itertuples():
         m = clefts == row.synapse_id

@@ -49,6 +49,33 @@ def _sub_centres(lo, hi, start, vs):
     return c[0][:, None, None], c[1][None, :, None], c[2][None, None, :]
 
 
+PSD_MARGIN_NM = 70.0   # rendering looks this far beyond a cleft's radius
+PSD_DEPTH_NM = 48.0    # the postsynaptic density's thickness behind the cleft
+
+
+def cleft_frame(s: Synapse, start, shape, vs, margin_nm: float):
+    """The voxels of the box [start, start + shape) within the cleft radius + `margin_nm` of a synapse's centre, as
+    (slices, a, radial): a = signed distance along the normal (nm, positive on the post side), radial = distance
+    from the normal axis (nm). None when none is in the box. Rendering and the apposition check share it."""
+    r_out = s.radius_nm + margin_nm
+    lb = _local_box(s.cleft_nm - r_out, s.cleft_nm + r_out, start, shape, vs)
+    if lb is None:
+        return None
+    lo, hi = lb
+    z, y, x = _sub_centres(lo, hi, start, vs)
+    rz, ry, rx = z - s.cleft_nm[0], y - s.cleft_nm[1], x - s.cleft_nm[2]
+    a = rz * s.normal[0] + ry * s.normal[1] + rx * s.normal[2]
+    radial = np.sqrt(np.maximum(rz ** 2 + ry ** 2 + rx ** 2 - a ** 2, 0))
+    return tuple(slice(a_, b_) for a_, b_ in zip(lo, hi)), a, radial
+
+
+def cleft_slab(s: Synapse, a: np.ndarray, radial: np.ndarray, lab: np.ndarray, params: SynthParams) -> np.ndarray:
+    """The cleft label: the disc's slab (half thickness + half a voxel) where it lies in either partner."""
+    vs = np.array(params.voxel_size_zyx)
+    return (radial < s.radius_nm) & (np.abs(a) < params.cleft_half_thickness_nm + 0.5 * vs.min()) & (
+        (lab == s.post_segment_id) | (lab == s.pre_segment_id))
+
+
 def render(params: SynthParams, start, shape, labels: np.ndarray, mitos, ves_pos: np.ndarray, ves_host: np.ndarray,
            synapses: list[Synapse], nuclei=()) -> tuple[np.ndarray, np.ndarray]:
     """(raw uint8, clefts uint64) for the box [start, start + shape) given its labels. Caller crops the padding."""
@@ -143,26 +170,18 @@ def render(params: SynthParams, start, shape, labels: np.ndarray, mitos, ves_pos
     # --- synapses: PSD (post), a faint presynaptic density, cleft labels ---------------------------------
     clefts = np.zeros(tshape, np.uint64)
     for s in synapses:
-        r_out = s.radius_nm + 70.0
-        lb = _local_box(s.cleft_nm - r_out, s.cleft_nm + r_out, start, shape, vs)
-        if lb is None:
+        frame = cleft_frame(s, start, shape, vs, PSD_MARGIN_NM)
+        if frame is None:
             continue
-        lo, hi = lb
-        z, y, x = _sub_centres(lo, hi, start, vs)
-        rz, ry, rx = z - s.cleft_nm[0], y - s.cleft_nm[1], x - s.cleft_nm[2]
-        a = rz * s.normal[0] + ry * s.normal[1] + rx * s.normal[2]
-        radial = np.sqrt(np.maximum(rz ** 2 + ry ** 2 + rx ** 2 - a ** 2, 0))
-        sl = tuple(slice(a_, b_) for a_, b_ in zip(lo, hi))
+        sl, a, radial = frame
         lab = labels[sl]
         disc = radial < s.radius_nm
-        psd = disc & (lab == s.post_segment_id) & (a > -5.0) & (a < 48.0)
+        psd = disc & (lab == s.post_segment_id) & (a > -5.0) & (a < PSD_DEPTH_NM)
         pre_d = disc & (lab == s.pre_segment_id) & (a < 5.0) & (a > -22.0)
         sub = img[sl]
         sub[psd] -= 62.0
         sub[pre_d] -= 22.0
-        cl = disc & (np.abs(a) < params.cleft_half_thickness_nm + 0.5 * vs.min()) & (
-            (lab == s.post_segment_id) | (lab == s.pre_segment_id))
-        clefts[sl][cl] = s.synapse_id
+        clefts[sl][cleft_slab(s, a, radial, lab, params)] = s.synapse_id
 
     # --- membranes: every label boundary, with faint stretches ---------------------------------------
     # in-section boundaries are dark on both sides; where labels change between sections the membrane is oblique
