@@ -6,7 +6,7 @@ polarity channels from segmentation errors (the demo's summary reports the end-t
 ISBI has cleft masks only: its clefts are the 3D connected components of the masks after the same 2x in-plane
 downsampling the model was trained with (8 x 8 x 50 nm).
 
-    python benchmarks/synapse_quality.py [--model synapses_small] [--seeds 201 202] [--shape 48 192 192]
+    python benchmarks/synapse_quality.py [--model synapses_small] [--seeds 201 202 203 204] [--shape 48 192 192]
 
 Last line: {"synthetic": {"precision", "recall", "f1", "partner_accuracy"}, "isbi": {"precision", "recall", "f1"}}
 """
@@ -86,7 +86,7 @@ def isbi_scores(model, config, params, distance_nm: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="synapses_small")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[201, 202])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[201, 202, 203, 204])
     ap.add_argument("--shape", nargs=3, type=int, default=[48, 192, 192])
     ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--distance-nm", type=float, default=200.0, help="matching distance (CREMI-style)")

@@ -34,7 +34,7 @@ _MODEL_CACHE: dict = {}
 @dataclass(frozen=True)
 class DetectionParams:
     """Defaults chosen for the packaged `synapses_small` on validation volumes (synthetic seeds 301-304, never the
-    benchmark's held-out 201-202); see pipeline/models/synapses_small/TRAINING.md."""
+    benchmark's held-out 201-204); see pipeline/models/synapses_small/TRAINING.md."""
 
     threshold: float = 0.9
     min_size: int = 20
