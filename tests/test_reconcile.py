@@ -126,7 +126,6 @@ def test_relative_rule_merges_on_contact_as_bright_as_interiors():
     assert merge_decisions(edges, AgglomerationParams(min_contact=3, min_ratio=0.9)).empty
 
 
-
 def test_agglomeration_rule_per_model():
     from ffn.model import load_config, resolve_model
     from pipeline.stages.agglomerate import ModelRule, rule_for_model
@@ -135,12 +134,13 @@ def test_agglomeration_rule_per_model():
     assert rule_for_model({}) == ModelRule(True, AgglomerationParams(), "default")
     recorded = {"agglomeration": {"enabled": False, "params": {"min_ratio": 0.95, "min_contact": 300}}}
     assert rule_for_model(recorded) == ModelRule(False, AgglomerationParams(min_ratio=0.95, min_contact=300), "model")
-    with pytest.raises(ConfigError, match="min_ration"):
-        rule_for_model({"agglomeration": {"params": {"min_ration": 0.9}}})
+    with pytest.raises(ConfigError, match="m/config.json: .*min_ration"):
+        rule_for_model({"agglomeration": {"params": {"min_ration": 0.9}}}, where="m/config.json")
     # the packaged small models record the decision measured for them (held out: agglomeration made VOI worse)
     for name in ("synthetic_small", "medulla_small"):
-        assert rule_for_model(load_config(resolve_model(name)).metadata).source == "model"
-        assert not rule_for_model(load_config(resolve_model(name)).metadata).enabled
+        rule = rule_for_model(load_config(resolve_model(name)).metadata)
+        assert rule.source == "model"
+        assert not rule.enabled
 
 
 def test_match_box_is_the_central_slab_around_the_face():

@@ -64,7 +64,7 @@ class ModelRule:
     source: str
 
 
-def rule_for_model(metadata: dict) -> ModelRule:
+def rule_for_model(metadata: dict, where: str = "FFN model metadata") -> ModelRule:
     """The agglomeration rule recorded with an FFN model (config.json ``metadata.agglomeration``: ``enabled`` and
     ``params``), else the library default.
 
@@ -77,7 +77,7 @@ def rule_for_model(metadata: dict) -> ModelRule:
     tuned = recorded.get("params", {})
     unknown = sorted(set(tuned) - {f.name for f in fields(AgglomerationParams)})
     if unknown:
-        raise ConfigError(f"FFN model metadata: unknown agglomeration parameter(s) {unknown}")
+        raise ConfigError(f"{where}: metadata.agglomeration.params has unknown parameter(s) {unknown}")
     return ModelRule(bool(recorded.get("enabled", True)), AgglomerationParams(**tuned), "model")
 
 

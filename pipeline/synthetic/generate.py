@@ -67,10 +67,7 @@ def generate_block(params: SynthParams, box: Box | Sequence) -> SynthBlock:
     nodes = build_nodes(params, objects, np.array(lbox.start) * vs, np.array(lbox.stop) * vs)
     syn_nodes = build_nodes(params, objects, node_lo, node_hi, spacing_nm=SYNAPSE_NODE_SPACING_NM)
     seg_idx, owner = compute_labels(nodes, params, rbox.start, rbox.shape)
-    ids = np.concatenate([np.zeros(1, np.uint64), nodes.seg_ids])
-    labels = ids[seg_idx.astype(np.int64) + 1]
-    lonely = isolated_voxels(labels)
-    labels[lonely] = 0
+    labels, lonely = _segment_ids(nodes, seg_idx)
     owner[lonely] = -1
     comp = np.zeros(labels.shape, np.uint8)
     if len(nodes.comp):
@@ -151,9 +148,15 @@ def labels_of_box(params: SynthParams, objects, box: Box) -> np.ndarray:
     near = [o for o in objects if np.all(o.hi > lo) and np.all(o.lo < hi)]  # objects_near's test: same nodes, faster
     nodes = build_nodes(params, near, lo, hi)
     seg_idx, _ = compute_labels(nodes, params, grown.start, grown.shape)
+    return _segment_ids(nodes, seg_idx)[0][1:-1, 1:-1, 1:-1]
+
+
+def _segment_ids(nodes, seg_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids, isolated-voxel mask) from compute_labels' segment indices; isolated voxels become 0."""
     labels = np.concatenate([np.zeros(1, np.uint64), nodes.seg_ids])[seg_idx.astype(np.int64) + 1]
-    labels[isolated_voxels(labels)] = 0
-    return labels[1:-1, 1:-1, 1:-1]
+    lonely = isolated_voxels(labels)
+    labels[lonely] = 0
+    return labels, lonely
 
 
 def isolated_voxels(labels: np.ndarray) -> np.ndarray:
