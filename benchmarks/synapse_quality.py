@@ -4,9 +4,11 @@ held-out synthetic volumes and on ISBI 2012 test sections 24-29, and partner (pr
 Partners are assigned from the ground-truth segmentation here, so the figure isolates the detector and its
 polarity channels from segmentation errors (the demo's summary reports the end-to-end figure on FFN output).
 ISBI has cleft masks only: its clefts are the 3D connected components of the masks after the same 2x in-plane
-downsampling the model was trained with (8 x 8 x 50 nm).
+downsampling the model was trained with (8 x 8 x 50 nm). The candidate filter (pipeline/synapse_filter.py) needs
+partner segments, which ISBI lacks, so ISBI scores the detector's candidates unfiltered; `--no-filter` does the same
+on synthetic to show what the filter adds.
 
-    python benchmarks/synapse_quality.py [--model synapses_small] [--seeds 201 202 203 204] [--shape 48 192 192]
+    python benchmarks/synapse_quality.py [--model synapses_small] [--seeds 201 202 203 204] [--shape 48 192 192] [--no-filter]
 
 Last line: {"synthetic": {"precision", "recall", "f1", "partner_accuracy"}, "isbi": {"precision", "recall", "f1"}}
 """
@@ -29,22 +31,21 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ISBI_MIN_CLEFT_VOXELS = 20
 
 
-def synthetic_scores(model, config, seeds, shape, params, distance_nm: float) -> dict:
-    from pipeline.stages.synapses import detect, merge_duplicates, synapse_table
+def synthetic_scores(model_dir, seeds, shape, params, distance_nm: float) -> dict:
+    from pipeline.stages.synapses import detect_image, synapses_from_candidates
     from pipeline.synapse_metrics import detection_scores
-    from pipeline.synapse_model import predict
+    from pipeline.synapse_model import load_model
     from pipeline.synthetic import SynthParams, generate_block
     from storage.box import Box
 
+    model, config = load_model(model_dir)
     preds, trues = [], []
     offset = 0
     for seed in seeds:
         sp = SynthParams(seed=seed, shape_zyx=tuple(shape))
         block = generate_block(sp, Box.from_shape(tuple(shape)))
-        probs = predict(model, config, block.volumes["raw"])
-        df = detect(probs, block.volumes["gt"], sp.voxel_size_zyx, params)
-        df = merge_duplicates(df, sp.voxel_size_zyx, params.merge_distance_nm)
-        table = synapse_table(df, sp.voxel_size_xyz_nm)
+        df = detect_image(model, config, block.volumes["raw"], block.volumes["gt"], sp.voxel_size_zyx, params)
+        table = synapses_from_candidates(df, model_dir, params, sp.voxel_size_xyz_nm)
         table = table[table["valid"]] if len(table) else table
         # keep volumes apart in space so matching never crosses volumes
         for t in (table, block.synapses):
@@ -88,20 +89,24 @@ def main() -> None:
     ap.add_argument("--model", default="synapses_small")
     ap.add_argument("--seeds", nargs="+", type=int, default=[201, 202, 203, 204])
     ap.add_argument("--shape", nargs=3, type=int, default=[48, 192, 192])
-    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--threshold", type=float, default=None, help="cleft threshold (default: DetectionParams)")
+    ap.add_argument("--no-filter", action="store_true", help="keep every candidate (skip the model's candidate "
+                    "filter) to see what the filter adds")
     ap.add_argument("--distance-nm", type=float, default=200.0, help="matching distance (CREMI-style)")
     ap.add_argument("--isbi-distance-nm", type=float, default=300.0)
     args = ap.parse_args()
 
     from pipeline.stages.synapses import DetectionParams
-    from pipeline.synapse_model import load_model
+    from pipeline.synapse_filter import load_filter
+    from pipeline.synapse_model import load_model, resolve_model
 
-    model, config = load_model(args.model)
-    params = DetectionParams() if args.threshold is None else DetectionParams(threshold=args.threshold)
-    result = {"model": args.model, "synthetic": synthetic_scores(model, config, args.seeds, args.shape, params,
-                                                                 args.distance_nm)}
+    model_dir = resolve_model(args.model)
+    params = DetectionParams(candidate_filter=not args.no_filter,
+                             **({} if args.threshold is None else {"threshold": args.threshold}))
+    result = {"model": args.model, "candidate_filter": params.candidate_filter and load_filter(model_dir) is not None,
+              "synthetic": synthetic_scores(model_dir, args.seeds, args.shape, params, args.distance_nm)}
     if (SHARED / "isbi2012_vnc_sstem").is_dir():
-        result["isbi"] = isbi_scores(model, config, params, args.isbi_distance_nm)
+        result["isbi"] = isbi_scores(*load_model(model_dir), params, args.isbi_distance_nm)
     print(json.dumps(result))
 
 

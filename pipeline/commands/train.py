@@ -1,4 +1,4 @@
-"""`connectome train ffn|segclr|synapses CONFIG`: train a model from a YAML/JSON config.
+"""`connectome train ffn|segclr|synapses|synapse-filter CONFIG`: train a model from a YAML/JSON config.
 
 The science lives in ``ffn/`` and ``segclr/``; this command only picks the trainer by the first argument and
 hands it the config path. A trainer is ``module:function`` taking ``(config_path, **overrides)``; the
@@ -13,13 +13,14 @@ import inspect
 
 from storage.errors import ConnectomeError
 
-HELP = "Train a model (ffn, segclr or synapses) from a YAML/JSON config; resumes from the config's output_dir."
+HELP = "Train a model (ffn, segclr, synapses or synapse-filter) from a YAML/JSON config; resumes from the config's output_dir."
 
 # kind -> "module:function" taking (config_path, **overrides)
 TRAINERS: dict[str, str] = {
     "ffn": "ffn.train:train_from_file",
     "segclr": "segclr.training:train_from_config",
     "synapses": "pipeline.synapse_training:train_from_config",
+    "synapse-filter": "pipeline.synapse_filter:fit_from_config",
 }
 
 

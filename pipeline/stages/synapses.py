@@ -10,8 +10,11 @@ boutons in a row on one dendrite) threshold into one component; each piece takes
 for. A component without votes falls back to probability mass: the segment holding the most presynaptic over
 postsynaptic probability within `partner_radius` of the cleft is pre, the one with the most postsynaptic
 probability (other than pre) is post. Detections that end up closer than `merge_distance_nm` with the same
-partners are merged on the driver (a cleft split into two components is one synapse). Autapses and partner 0 are
-kept in the table but marked invalid, so the valid view excludes them without losing evidence.
+partners are merged on the driver (a cleft split into two components is one synapse). Each candidate also carries
+evidence (size, z extent, whether it lies on the membrane between its partners, darkness, polarity on each side);
+the detector folder's candidate filter (pipeline/synapse_filter.py) turns it into the row's score and verdict.
+Autapses, partner 0 and rejected candidates are kept in the table but marked invalid, so the valid view excludes
+them without losing evidence.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class DetectionParams:
     side_threshold: float = 0.5
     partner_votes: bool = False    # pre/post by the voxels' votes (exact with clean polarity; the packaged model's
                                    # polarity is noisy, and probability mass around each piece does better with it)
+    candidate_filter: bool = True  # the model folder's candidate_filter.json, when it has one, decides which
+                                   # candidates are synapses (pipeline/synapse_filter.py)
 
 
 def _model(model_dir: str):
@@ -57,7 +62,8 @@ def _model(model_dir: str):
 def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.ndarray,
                     voxel_size_zyx: tuple[float, float, float], radius_nm: float,
                     fragments: np.ndarray | None = None,
-                    sides: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+                    sides: tuple[np.ndarray, np.ndarray] | None = None,
+                    image: np.ndarray | None = None) -> pd.DataFrame:
     """One row per component: centroid (voxels, zyx), size, score, pre/post segment ids and positions.
 
     With `sides` (per-voxel nearest pre-side and post-side segment, from `side_labels`), pre and post are the
@@ -130,10 +136,54 @@ def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.
             "z": centroid[0], "y": centroid[1], "x": centroid[2],
             "size_voxels": int(comp.sum()),
             "score": float(cleft_p[comp].mean()),
+            **candidate_evidence(comp, cand, seg, pre_id, post_id, cleft_p, pre_p, post_p, voxel_size_zyx,
+                                 None if image is None else image[outer]),
             "pre_segment_id": pre_id, "post_segment_id": post_id,
             "pre_zyx": side_centroid(pre_id, pre_p), "post_zyx": side_centroid(post_id, post_p),
         })
     return pd.DataFrame(rows)
+
+
+EVIDENCE = ("score_max", "z_sections", "pre_side", "post_side", "pre_on_post", "post_on_pre", "post_margin",
+            "near_segments", "interface")
+INTERFACE_NM = 40.0
+
+
+def candidate_evidence(comp, near, seg, pre_id: int, post_id: int, cleft_p, pre_p, post_p, voxel_size_zyx,
+                       image=None) -> dict:
+    """What the maps say about one candidate beyond its mean cleft score, for the candidate classifier
+    (pipeline/synapse_filter.py): peak score, z extent, mean presynaptic probability on the pre segment and
+    postsynaptic probability on the post segment near the cleft, the same channels on the wrong sides (vesicles on
+    both sides of an axon-axon contact; a PSD on neither), how clearly the post segment wins over the runner-up, and
+    how many segments touch the neighbourhood."""
+
+    def mean_on(seg_id, channel):
+        mask = near & (seg == seg_id)
+        return float(channel[mask].mean()) if seg_id and mask.any() else 0.0
+
+    def within(seg_id, nm):
+        if not seg_id:
+            return np.zeros(comp.shape, bool)
+        return ndi.distance_transform_edt(seg != seg_id, sampling=voxel_size_zyx) <= nm
+
+    # a cleft lies on the membrane between its partners; mitochondria and dark cytoplasm lie inside one segment
+    interface = float((within(pre_id, INTERFACE_NM) & within(post_id, INTERFACE_NM))[comp].mean())
+    ids = np.unique(seg[near]) if near.any() else np.zeros(0, seg.dtype)
+    others = [i for i in ids.tolist() if i not in (0, pre_id)]
+    post_means = sorted((mean_on(i, post_p) for i in others), reverse=True)
+    return {
+        "score_max": float(cleft_p[comp].max()),
+        "z_sections": int(np.any(comp, axis=(1, 2)).sum()),
+        "pre_side": mean_on(pre_id, pre_p),
+        "post_side": mean_on(post_id, post_p),
+        "pre_on_post": mean_on(post_id, pre_p),
+        "post_on_pre": mean_on(pre_id, post_p),
+        "post_margin": (post_means[0] - post_means[1]) if len(post_means) > 1 else (post_means[0] if post_means else 0.0),
+        "near_segments": int(len(ids) - (0 in ids)),
+        "interface": interface,
+        **({} if image is None else {"darkness": float(image[near].mean() - image[comp].mean()),
+                                     "contrast": float(image[comp].std())}),
+    }
 
 
 def side_labels(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, radius_nm: float,
@@ -190,7 +240,7 @@ def split_by_partners(components: np.ndarray, pre_lab: np.ndarray, post_lab: np.
 
 
 def detect(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, params: DetectionParams,
-           fragments: np.ndarray | None = None) -> pd.DataFrame:
+           fragments: np.ndarray | None = None, image: np.ndarray | None = None) -> pd.DataFrame:
     """Components of thresholded cleft probability, split per partner pair, with their partners (whole arrays;
     no block logic)."""
     mask = probs[0] >= params.threshold
@@ -202,7 +252,17 @@ def detect(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, params: 
         components = split_by_partners(components, *sides, params.min_size)
     components, _ = _renumber(components)
     return assign_partners(components, probs, segmentation, voxel_size_zyx, params.partner_radius_nm, fragments,
-                           sides if params.partner_votes else None)
+                           sides if params.partner_votes else None, image)
+
+
+def detect_image(model, config, image: np.ndarray, segmentation: np.ndarray, voxel_size_zyx,
+                 params: DetectionParams, fragments: np.ndarray | None = None) -> pd.DataFrame:
+    """The detector's maps of `image`, then `detect`, with the normalised image for the candidates' darkness and
+    contrast (the candidate filter's inputs)."""
+    from pipeline.synapse_model import normalize, predict
+
+    probs = predict(model, config, image)
+    return detect(probs, segmentation, voxel_size_zyx, params, fragments, normalize(image, config)[0, ..., 0])
 
 
 def _renumber(labels: np.ndarray):
@@ -214,15 +274,12 @@ def _renumber(labels: np.ndarray):
 def detect_block(block: Block, *, image_spec: dict, segmentation_spec: dict, model_dir: str, params: dict,
                  fragments_spec: dict | None = None, fill_missing: bool = False) -> dict:
     model, config = _model(model_dir)
-    from pipeline.synapse_model import predict
-
     image_vol = open_volume(image_spec, fill_missing=fill_missing)
     image = image_vol.read(block.read)
     segmentation = open_volume(segmentation_spec).read(block.read)
     fragments = open_volume(fragments_spec).read(block.read) if fragments_spec else None
-    probs = predict(model, config, image)
     voxel_size_zyx = tuple(float(v) for v in reversed(image_vol.voxel_size))
-    df = detect(probs, segmentation, voxel_size_zyx, DetectionParams(**params), fragments)
+    df = detect_image(model, config, image, segmentation, voxel_size_zyx, DetectionParams(**params), fragments)
     if df.empty:
         return {"rows": {}}
     origin = np.array(block.read.start)
@@ -289,7 +346,21 @@ def synapse_table(df: pd.DataFrame, voxel_size_xyz) -> pd.DataFrame:
         out["post_fragment_id"] = df["post_fragment_id"].astype(np.int64).to_numpy()
     out["valid"] = (out["pre_segment_id"] != 0) & (out["post_segment_id"] != 0) & (
         out["pre_segment_id"] != out["post_segment_id"])
+    if "accepted" in df.columns:  # rejected candidates stay in the table as evidence, outside the valid view
+        out["valid"] &= df["accepted"].astype(bool).to_numpy()
     return out
+
+
+def synapses_from_candidates(candidates: pd.DataFrame, model_dir: str, params: DetectionParams, voxel_size_xyz
+                             ) -> pd.DataFrame:
+    """All blocks' candidates -> store rows: duplicates merged, then the model's candidate filter (when it has one
+    and `params.candidate_filter`) sets each row's score and verdict."""
+    from pipeline.synapse_filter import apply_filter, load_filter
+
+    voxel_size_zyx = tuple(float(v) for v in reversed(voxel_size_xyz))
+    df = merge_duplicates(candidates, voxel_size_zyx, params.merge_distance_nm)
+    df = apply_filter(df, load_filter(model_dir) if params.candidate_filter else None, voxel_size_zyx)
+    return synapse_table(df, voxel_size_xyz)
 
 
 @dataclass
@@ -330,9 +401,7 @@ def run_synapse_stage(image_url: str, segmentation_url: str, store_path: str, co
     ), client=client, ledger_dir=ledger_dir, restart=config.restart, progress=progress)
     frames = [pd.DataFrame(r["rows"]) for _, r in sorted(results.items()) if r["rows"]]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    voxel_size_zyx = tuple(float(v) for v in reversed(image.voxel_size))
-    df = merge_duplicates(df, voxel_size_zyx, config.detection.merge_distance_nm)
-    table = synapse_table(df, image.voxel_size)
+    table = synapses_from_candidates(df, model_dir, config.detection, image.voxel_size)
     store = ConnectomeStore.open(store_path) if Path(store_path).exists() else ConnectomeStore.create(store_path)
     with store.loading("synapses") as version:
         store.write_synapses(table, version=version)
