@@ -122,3 +122,17 @@ def test_packaged_detector_carries_a_filter_that_raises_f1():
     f1_all, precision_all, recall_all = f1_at(np.ones(len(candidates)), tp, n_true, 0.5)
     assert precision > precision_all and f1 > f1_all, (f1, f1_all)
     assert recall >= recall_all - 0.15
+
+
+def test_candidates_pool_partners_from_ground_truth_and_an_ffn():
+    """The filter is fitted on candidates whose partners come from the generator's labels and from an FFN run, so
+    it also judges candidates on a real segmentation; each source counts the true synapses once."""
+    from pipeline.synapse_filter import labelled_candidates
+
+    gt_only, n_gt = labelled_candidates("synapses_small", [503], (32, 96, 96))
+    both, n_both = labelled_candidates("synapses_small", [503], (32, 96, 96),
+                                       segmentations=("gt", "synthetic_small"))
+    assert n_both == 2 * n_gt > 0
+    assert set(both["segmentation"]) == {"gt", "synthetic_small"}
+    assert len(both[both["segmentation"] == "gt"]) == len(gt_only)
+    assert set(FEATURES) <= set(both.columns) and both["tp"].isin([0, 1]).all()
