@@ -144,9 +144,7 @@ def assign_partners(components: np.ndarray, probs: np.ndarray, segmentation: np.
     return pd.DataFrame(rows)
 
 
-EVIDENCE = ("score_max", "z_sections", "pre_side", "post_side", "pre_on_post", "post_on_pre", "post_margin",
-            "near_segments", "interface")
-INTERFACE_NM = 40.0
+INTERFACE_NM = 40.0  # "on the membrane between the partners": within this of both
 
 
 def candidate_evidence(comp, near, seg, pre_id: int, post_id: int, cleft_p, pre_p, post_p, voxel_size_zyx,
