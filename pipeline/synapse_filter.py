@@ -221,10 +221,10 @@ def fit_from_config(config: str | os.PathLike | dict) -> Path:
 
     where = "synapse filter config"
     if not isinstance(config, dict):
-        source = str(config)
+        where = f"synapse filter config {config}"  # every error below names the file
         config = read_config_file(Path(config))
         if not isinstance(config, dict):
-            raise ConfigError(f"{where} {source}: expected a mapping at the top level")
+            raise ConfigError(f"{where}: expected a mapping at the top level")
     try:
         model_dir = resolve_model(config["model"])
         fit_seeds = range(*(int(s) for s in config["fit_seeds"]))
