@@ -8,7 +8,8 @@ downsampling the model was trained with (8 x 8 x 50 nm). The candidate filter (p
 partner segments, which ISBI lacks, so ISBI scores the detector's candidates unfiltered; `--no-filter` does the same
 on synthetic to show what the filter adds.
 
-    python benchmarks/synapse_quality.py [--model synapses_small] [--seeds 201 202 203 204] [--shape 48 192 192] [--no-filter]
+    python benchmarks/synapse_quality.py [--model synapses_small] [--seeds 201 202 203 204] [--shape 48 192 192]
+        [--no-filter] [--flips 1|4|8|16]
 
 Last line: {"synthetic": {"precision", "recall", "f1", "partner_accuracy"}, "isbi": {"precision", "recall", "f1"}}
 """
@@ -70,7 +71,7 @@ def isbi_scores(model, config, params, distance_nm: float) -> dict:
 
     raw, cleft = isbi_stack(SHARED / "isbi2012_vnc_sstem", range(24, 30))
     voxel = (50.0, 8.0, 8.0)
-    probs = predict(model, config, raw)
+    probs = predict(model, config, raw, params.flips)
     df = detect(probs, np.zeros(raw.shape, np.uint64), voxel, params)
     pred = pd.DataFrame({"x_nm": df["x"] * 8.0, "y_nm": df["y"] * 8.0, "z_nm": df["z"] * 50.0}) if len(df) else \
         pd.DataFrame({"x_nm": [], "y_nm": [], "z_nm": []})
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, help="cleft threshold (default: DetectionParams)")
     ap.add_argument("--no-filter", action="store_true", help="keep every candidate (skip the model's candidate "
                     "filter) to see what the filter adds")
+    ap.add_argument("--flips", type=int, default=None, help="symmetries the maps are averaged over (default: "
+                    "DetectionParams; 1 = a single view)")
     ap.add_argument("--distance-nm", type=float, default=200.0, help="matching distance (CREMI-style)")
     ap.add_argument("--isbi-distance-nm", type=float, default=300.0)
     args = ap.parse_args()
@@ -101,9 +104,9 @@ def main() -> None:
     from pipeline.synapse_model import load_model, resolve_model
 
     model_dir = resolve_model(args.model)
-    params = DetectionParams(candidate_filter=not args.no_filter,
-                             **({} if args.threshold is None else {"threshold": args.threshold}))
-    result = {"model": args.model, "candidate_filter": params.candidate_filter and load_filter(model_dir) is not None,
+    overrides = {k: v for k, v in (("threshold", args.threshold), ("flips", args.flips)) if v is not None}
+    params = DetectionParams(candidate_filter=not args.no_filter, **overrides)
+    result = {"model": args.model, "flips": params.flips, "threshold": params.threshold, "candidate_filter": params.candidate_filter and load_filter(model_dir) is not None,
               "synthetic": synthetic_scores(model_dir, args.seeds, args.shape, params, args.distance_nm)}
     if (SHARED / "isbi2012_vnc_sstem").is_dir():
         result["isbi"] = isbi_scores(*load_model(model_dir), params, args.isbi_distance_nm)

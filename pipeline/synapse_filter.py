@@ -214,9 +214,12 @@ def fit_filter(candidates: pd.DataFrame, n_true: int, features=FEATURES, c: floa
 
 def fit_from_config(config: str | os.PathLike | dict) -> Path:
     """`connectome train synapse-filter CONFIG`: {"model": detector folder or packaged name, "fit_seeds": [first,
-    stop), "validation_seeds": [first, stop), "shape_zyx", "c", "segmentations": ["gt", FFN model, ...]}. Writes candidate_filter.json into the model folder
-    with the fitting and validation figures."""
+    stop), "validation_seeds": [first, stop), "shape_zyx", "c", "segmentations": ["gt", FFN model, ...],
+    "detection": {DetectionParams fields, e.g. "threshold", "flips"}}. Writes candidate_filter.json into the model
+    folder with the fitting and validation figures and the detection settings it was fitted for (its evidence is
+    only calibrated for candidates made that way)."""
     from pipeline.config import read_config_file
+    from pipeline.stages.synapses import DetectionParams
     from pipeline.synapse_model import resolve_model
 
     where = "synapse filter config"
@@ -232,14 +235,15 @@ def fit_from_config(config: str | os.PathLike | dict) -> Path:
         shape = tuple(int(n) for n in config.get("shape_zyx", (48, 192, 192)))
         c = float(config.get("c", 1.0))
         segmentations = tuple(str(v) for v in config.get("segmentations", ["gt"]))
+        detection = DetectionParams(**config.get("detection", {}))
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: bad value ({exc})") from None
     t0 = time.time()
-    fit_set, fit_true = labelled_candidates(model_dir, fit_seeds, shape, segmentations=segmentations)
+    fit_set, fit_true = labelled_candidates(model_dir, fit_seeds, shape, detection, segmentations=segmentations)
     fitted = fit_filter(fit_set, fit_true, c=c)
-    val_set, val_true = labelled_candidates(model_dir, val_seeds, shape, segmentations=segmentations)
+    val_set, val_true = labelled_candidates(model_dir, val_seeds, shape, detection, segmentations=segmentations)
     before = f1_at(np.ones(len(val_set)), val_set["tp"].to_numpy(), val_true, 0.5)
     after = f1_at(fitted.probability(val_set), val_set["tp"].to_numpy(), val_true, fitted.threshold)
     figures = lambda f: {"f1": round(f[0], 3), "precision": round(f[1], 3), "recall": round(f[2], 3)}  # noqa: E731
@@ -252,7 +256,8 @@ def fit_from_config(config: str | os.PathLike | dict) -> Path:
                                                            fitted.threshold))}
     metadata = {
         "fit_seeds": [fit_seeds.start, fit_seeds.stop], "validation_seeds": [val_seeds.start, val_seeds.stop],
-        "shape_zyx": list(shape), "segmentations": list(segmentations), "fit_candidates": int(len(fit_set)), "fit_true_synapses": int(fit_true),
+        "shape_zyx": list(shape), "segmentations": list(segmentations), "detection": asdict(detection),
+        "fit_candidates": int(len(fit_set)), "fit_true_synapses": int(fit_true),
         "validation_without_filter": figures(before), "validation_with_filter": figures(after),
         "validation_per_segmentation": per_source,
         "seconds": round(time.time() - t0, 1),

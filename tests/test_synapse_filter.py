@@ -86,6 +86,26 @@ def test_rejected_candidates_stay_in_the_table_outside_the_valid_view():
     assert (apply_filter(df, None, VOXEL)["accepted"]).all()
 
 
+def test_a_filter_used_on_other_candidates_says_so(tmp_path):
+    """Its evidence is calibrated for one cleft threshold and flip averaging; other settings run, with a warning."""
+    from pipeline.stages.synapses import synapses_from_candidates
+
+    seg, probs = _two_cells_with_a_blob()
+    params = DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=160, flips=1)
+    df = detect(probs, seg, VOXEL, params, image=np.zeros(seg.shape, np.float32))
+    save_filter(CandidateFilter(FEATURES, [0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES),
+                                1.0, 0.5, {"detection": {"threshold": 0.8, "flips": 16}}), tmp_path)
+    with pytest.warns(UserWarning, match=r"fitted for threshold 0.8 \(running with 0.5\), flips 16"):
+        synapses_from_candidates(df, str(tmp_path), params, (8.0, 8.0, 40.0))
+    save_filter(CandidateFilter(FEATURES, [0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES),
+                                1.0, 0.5, {"detection": {"threshold": 0.5, "flips": 1}}), tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not synapses_from_candidates(df, str(tmp_path), params, (8.0, 8.0, 40.0)).empty
+
+
 def test_neighbour_context_marks_the_smaller_of_two_close_pieces():
     df = pd.DataFrame({"z": [5.0, 5.0, 40.0], "y": [10.0, 14.0, 100.0], "x": [10.0, 10.0, 100.0],
                        "size_voxels": [500, 40, 300], "pre_segment_id": [1, 1, 7]})
@@ -116,6 +136,10 @@ def test_packaged_detector_carries_a_filter_that_raises_f1():
     model_dir = resolve_model("synapses_small")
     fitted = load_filter(model_dir)
     assert fitted is not None, "synapses_small ships candidate_filter.json"
+    # fitted for the candidates the default detection makes (cleft threshold, flip averaging)
+    defaults = DetectionParams()
+    assert {k: fitted.metadata["detection"][k] for k in ("threshold", "flips")} == \
+        {"threshold": defaults.threshold, "flips": defaults.flips}
     candidates, n_true = labelled_candidates(model_dir, [501, 502], (48, 192, 192))
     tp = candidates["tp"].to_numpy()
     f1, precision, recall = f1_at(fitted.probability(candidates), tp, n_true, fitted.threshold)

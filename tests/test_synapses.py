@@ -159,6 +159,30 @@ def test_unet_detector_any_shape_and_config(tmp_path):
         SynapseModelConfig(arch="resnet")
 
 
+@pytest.mark.parametrize("flips", [4, 8, 16])
+def test_flip_averaged_maps_follow_the_image_symmetries(flips):
+    """Averaging over a group of symmetries makes the maps transform with the image exactly: predicting on a
+    reflected or transposed image gives the reflected or transposed maps. A view mapped back wrongly breaks this."""
+    from pipeline.synapse_model import SynapseModelConfig, build_model, predict
+
+    config = SynapseModelConfig(arch="unet", features=2, levels=2)
+    model = build_model(config)
+    image = np.random.default_rng(2).integers(0, 255, (5, 16, 24)).astype(np.uint8)
+    p = predict(model, config, image, flips)
+    np.testing.assert_allclose(predict(model, config, image[:, ::-1], flips), p[:, :, ::-1], atol=1e-5)
+    np.testing.assert_allclose(predict(model, config, image[:, :, ::-1], flips), p[:, :, :, ::-1], atol=1e-5)
+    if flips >= 8:
+        np.testing.assert_allclose(predict(model, config, image.transpose(0, 2, 1), flips),
+                                   p.transpose(0, 1, 3, 2), atol=1e-5)
+    if flips == 16:
+        np.testing.assert_allclose(predict(model, config, image[::-1], flips), p[:, ::-1], atol=1e-5)
+    # a single view does not have this property, so the test can tell
+    one = predict(model, config, image)
+    assert np.abs(predict(model, config, image[:, ::-1])[:, :, ::-1] - one).max() > 1e-4
+    with pytest.raises(ValueError, match="flips"):
+        predict(model, config, image, 3)
+
+
 def test_train_from_config_unet_with_widened_clefts(tmp_path):
     from pipeline.synapse_training import synthetic_volume, train_from_config
     from storage.errors import ConfigError

@@ -36,10 +36,12 @@ _MODEL_CACHE: dict = {}
 
 @dataclass(frozen=True)
 class DetectionParams:
-    """Defaults chosen for the packaged `synapses_small` on validation volumes (synthetic seeds 301-304, never the
-    benchmark's held-out 201-204); see pipeline/models/synapses_small/TRAINING.md."""
+    """Defaults chosen for the packaged `synapses_small` on validation volumes (synthetic seeds 301-312, never the
+    benchmark's held-out 201-204); see pipeline/models/synapses_small/TRAINING.md. The averaged maps of 16 views
+    are smoother and less confident than one view's, hence the lower cleft threshold; the candidate filter is
+    fitted for exactly these two settings (its file records them)."""
 
-    threshold: float = 0.9
+    threshold: float = 0.8
     min_size: int = 20
     partner_radius_nm: float = 160.0
     merge_distance_nm: float = 150.0
@@ -49,6 +51,13 @@ class DetectionParams:
                                    # polarity is noisy, and probability mass around each piece does better with it)
     candidate_filter: bool = True  # the model folder's candidate_filter.json, when it has one, decides which
                                    # candidates are synapses (pipeline/synapse_filter.py)
+    flips: int = 16                # average the maps over this many image symmetries (1 = off; see `predict`)
+
+    def __post_init__(self) -> None:
+        from pipeline.synapse_model import FLIP_AVERAGES
+
+        if self.flips not in FLIP_AVERAGES:
+            raise ValueError(f"flips must be one of {FLIP_AVERAGES}, got {self.flips}")
 
 
 def _model(model_dir: str):
@@ -259,7 +268,7 @@ def detect_image(model, config, image: np.ndarray, segmentation: np.ndarray, vox
     contrast (the candidate filter's inputs)."""
     from pipeline.synapse_model import normalize, predict
 
-    probs = predict(model, config, image)
+    probs = predict(model, config, image, params.flips)
     return detect(probs, segmentation, voxel_size_zyx, params, fragments, normalize(image, config)[0, ..., 0])
 
 
@@ -357,8 +366,23 @@ def synapses_from_candidates(candidates: pd.DataFrame, model_dir: str, params: D
 
     voxel_size_zyx = tuple(float(v) for v in reversed(voxel_size_xyz))
     df = merge_duplicates(candidates, voxel_size_zyx, params.merge_distance_nm)
-    df = apply_filter(df, load_filter(model_dir) if params.candidate_filter else None, voxel_size_zyx)
+    fitted = load_filter(model_dir) if params.candidate_filter else None
+    if fitted is not None:
+        _warn_if_fitted_for_other_candidates(fitted.metadata.get("detection", {}), params, model_dir)
+    df = apply_filter(df, fitted, voxel_size_zyx)
     return synapse_table(df, voxel_size_xyz)
+
+
+def _warn_if_fitted_for_other_candidates(fitted_for: dict, params: DetectionParams, model_dir: str) -> None:
+    """The filter's evidence is calibrated for candidates made at one cleft threshold and flip averaging; other
+    settings still run (a user may be exploring) but their scores are out of calibration, so say so."""
+    import warnings
+
+    differ = {k: (v, getattr(params, k)) for k, v in fitted_for.items()
+              if k in ("threshold", "flips") and v != getattr(params, k)}
+    if differ:
+        said = ", ".join(f"{k} {a} (running with {b})" for k, (a, b) in differ.items())
+        warnings.warn(f"{model_dir}: its candidate filter was fitted for {said}; scores may be off", stacklevel=3)
 
 
 @dataclass
