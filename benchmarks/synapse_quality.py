@@ -106,7 +106,8 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     overrides = {k: v for k, v in (("threshold", args.threshold), ("flips", args.flips)) if v is not None}
     params = DetectionParams(candidate_filter=not args.no_filter, **overrides)
-    result = {"model": args.model, "flips": params.flips, "threshold": params.threshold, "candidate_filter": params.candidate_filter and load_filter(model_dir) is not None,
+    result = {"model": args.model, "flips": params.flips, "threshold": params.threshold,
+              "candidate_filter": params.candidate_filter and load_filter(model_dir) is not None,
               "synthetic": synthetic_scores(model_dir, args.seeds, args.shape, params, args.distance_nm)}
     if (SHARED / "isbi2012_vnc_sstem").is_dir():
         result["isbi"] = isbi_scores(*load_model(model_dir), params, args.isbi_distance_nm)

@@ -4,6 +4,7 @@ the packaged detector's filter on generated volumes it was not fitted on."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -99,8 +100,6 @@ def test_a_filter_used_on_other_candidates_says_so(tmp_path):
         synapses_from_candidates(df, str(tmp_path), params, (8.0, 8.0, 40.0))
     save_filter(CandidateFilter(FEATURES, [0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES),
                                 1.0, 0.5, {"detection": {"threshold": 0.5, "flips": 1}}), tmp_path)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not synapses_from_candidates(df, str(tmp_path), params, (8.0, 8.0, 40.0)).empty
