@@ -88,7 +88,8 @@ def test_rejected_candidates_stay_in_the_table_outside_the_valid_view():
 
 
 def test_a_filter_used_on_other_candidates_says_so(tmp_path):
-    """Its evidence is calibrated for one cleft threshold and flip averaging; other settings run, with a warning."""
+    """Its evidence is calibrated for one cleft threshold, flip averaging and merge distance; other settings run,
+    with a warning."""
     from pipeline.stages.synapses import synapses_from_candidates
 
     seg, probs = _two_cells_with_a_blob()

@@ -49,7 +49,7 @@ class DetectionParams:
     min_size: int = 20
     partner_radius_nm: float = 160.0
     merge_distance_nm: float = 300.0  # pieces of one cleft lie up to a cleft diameter apart (<= 280 nm here);
-                                      # 150 left split pieces as false positives (validation F1 0.883 -> 0.894)
+                                      # 150 left split pieces as false positives (validation F1 0.872 -> 0.881)
     split_partners: bool = True    # cut components per (pre, post) pair of nearest side voxels
     side_threshold: float = 0.5
     partner_votes: bool = False    # pre/post by the voxels' votes (exact with clean polarity; the packaged model's
@@ -59,10 +59,9 @@ class DetectionParams:
     flips: int = 16                # average the maps over this many image symmetries (1 = off; see `predict`)
 
     def __post_init__(self) -> None:
-        from pipeline.synapse_model import FLIP_AVERAGES
+        from pipeline.synapse_model import check_flips
 
-        if self.flips not in FLIP_AVERAGES:
-            raise ValueError(f"flips must be one of {FLIP_AVERAGES}, got {self.flips}")
+        check_flips(self.flips)
 
 
 def _model(model_dir: str):
