@@ -82,6 +82,32 @@ def test_touching_clefts_split_per_partner_pair():
     assert sorted(zip(df.pre_segment_id, df.post_segment_id)) == [(1, 2), (1, 3)]
 
 
+def test_boutons_in_a_row_split_per_contact_without_polarity_votes():
+    """Two boutons (1 above, 2 below) on one dendrite (3) across one continuous cleft, with presynaptic maps too
+    faint to vote (as in a dense row of boutons): the contact of each cleft voxel still splits it in two."""
+    from pipeline.stages.synapses import contact_labels
+
+    seg = np.zeros((5, 30, 20), np.uint64)
+    seg[:, :15, :10] = 1
+    seg[:, 15:, :10] = 2
+    seg[:, :, 10:] = 3
+    probs = np.zeros((3,) + seg.shape, np.float32)
+    probs[0][1:4, 4:26, 9:11] = 0.9
+    probs[1][:, 4:26, 5:10] = 0.3            # under side_threshold: no presynaptic votes
+    probs[2][:, 4:26, 10:15] = 0.8
+    lo, hi = contact_labels((probs[0] > 0.5).astype(np.uint32), seg, VOXEL, 64.0)
+    pairs = pd.Series(list(zip(lo[probs[0] > 0.5].tolist(), hi[probs[0] > 0.5].tolist()))).value_counts()
+    assert set(pairs.index[:2]) == {(1, 3), (2, 3)}  # the voxels where the boutons meet also see (1, 2)
+    assert pairs[(1, 3)] + pairs[(2, 3)] >= 0.8 * pairs.sum()
+    assert not lo[probs[0] <= 0.5].any(), "only cleft voxels get a contact"
+    params = DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40)
+    df = detect(probs, seg, VOXEL, params)
+    assert sorted(zip(df.pre_segment_id, df.post_segment_id)) == [(1, 3), (2, 3)]
+    off = detect(probs, seg, VOXEL, DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40,
+                                                    contact_radius_nm=0.0))
+    assert len(off) == 1, "without contacts the polarity-less row stays one component"
+
+
 def test_merge_duplicates_and_validity():
     df = pd.DataFrame({
         "z": [1.0, 1.0, 3.0], "y": [5.0, 7.0, 30.0], "x": [5.0, 5.0, 30.0],

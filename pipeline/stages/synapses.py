@@ -52,6 +52,8 @@ class DetectionParams:
                                       # 150 left split pieces as false positives (validation F1 0.872 -> 0.881)
     split_partners: bool = True    # cut components per (pre, post) pair of nearest side voxels
     side_threshold: float = 0.5
+    contact_radius_nm: float = 64.0  # also split per contact (`contact_labels`; 0 = off): validation F1 0.894 ->
+                                     # 0.906, partner accuracy 0.919 -> 0.939 (same filter)
     partner_votes: bool = False    # pre/post by the voxels' votes (exact with clean polarity; the packaged model's
                                    # polarity is noisy, and probability mass around each piece does better with it)
     candidate_filter: bool = True  # the model folder's candidate_filter.json, when it has one, decides which
@@ -216,20 +218,58 @@ def side_labels(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, rad
     return out[0], out[1]
 
 
-def split_by_partners(components: np.ndarray, pre_lab: np.ndarray, post_lab: np.ndarray, min_size: int
-                      ) -> np.ndarray:
-    """Split cleft components so each piece lies between one (pre, post) pair of segments.
+def contact_labels(components: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, radius_nm: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per cleft voxel, the contact it lies on: the nearest segment and the nearest other segment within
+    `radius_nm`, as (smaller id, larger id) so the pair has no direction (0 where fewer than two are that near).
+
+    Unlike the side labels this reads only the segmentation, not the noisy polarity maps: boutons in a row along
+    one dendrite share the post segment and their vesicle clouds blur together, but each cleft voxel still sits
+    between the dendrite and its own bouton."""
+    fg = np.argwhere(components != 0)
+    lo = np.zeros(components.shape, np.uint64)
+    hi = np.zeros(components.shape, np.uint64)
+    if not len(fg):
+        return lo, hi
+    v = np.asarray(voxel_size_zyx, float)
+    reach = np.floor(radius_nm / v).astype(int)
+    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+    dist = np.linalg.norm(offsets * v, axis=1)
+    offsets = offsets[dist <= radius_nm][np.argsort(dist[dist <= radius_nm], kind="stable")]  # nearest first
+    shape = np.asarray(segmentation.shape)
+    seg = segmentation.astype(np.uint64, copy=False)
+    for start in range(0, len(fg), 16384):  # bounded memory: chunk x offsets labels at a time
+        at = fg[start:start + 16384]
+        p = at[:, None, :] + offsets[None]
+        inside = np.all((p >= 0) & (p < shape), axis=2)
+        p = np.clip(p, 0, shape - 1)
+        labels = np.where(inside, seg[p[..., 0], p[..., 1], p[..., 2]], np.uint64(0))
+        rows = np.arange(len(at))
+        seen = labels != 0
+        first = np.where(seen.any(1), labels[rows, np.argmax(seen, axis=1)], np.uint64(0))
+        other = seen & (labels != first[:, None])
+        second = np.where(other.any(1), labels[rows, np.argmax(other, axis=1)], np.uint64(0))
+        pair_known = second != 0
+        idx = tuple(at.T)
+        lo[idx] = np.where(pair_known, np.minimum(first, second), 0)
+        hi[idx] = np.where(pair_known, np.maximum(first, second), 0)
+    return lo, hi
+
+
+def split_by_partners(components: np.ndarray, labels, min_size: int) -> np.ndarray:
+    """Split cleft components so each piece lies between one pair of segments.
 
     Clefts of neighbouring synapses touch (a bouton contacting two dendrites, boutons in a row along one dendrite);
-    thresholding merges them into one component. Every cleft voxel votes for the pair (nearest presynaptic-side
-    segment, nearest postsynaptic-side segment); a component is cut into the connected pieces of one pair. Pieces
-    smaller than `min_size` (edge voxels that see a third segment) go back to the largest piece of their component,
-    so a real synapse is never split by label noise."""
+    thresholding merges them into one component. Every cleft voxel carries per-voxel labels (the nearest
+    presynaptic-side and postsynaptic-side segments of `side_labels`, and the contact of `contact_labels`); a
+    component is cut into the connected pieces that agree on all of them. Pieces smaller than `min_size` (edge
+    voxels that see a third segment) go back to the largest piece of their component, so a real synapse is never
+    split by label noise."""
     fg = components != 0
     if not fg.any():
         return components
     comp = components[fg].astype(np.int64)
-    _, pair = np.unique(np.stack([comp, pre_lab[fg].astype(np.int64), post_lab[fg].astype(np.int64)]),
+    _, pair = np.unique(np.stack([comp, *(lab[fg].astype(np.int64) for lab in labels)]),
                         axis=1, return_inverse=True)
     keyed = np.zeros(components.shape, np.uint32)
     keyed[fg] = pair.reshape(-1).astype(np.uint32) + 1
@@ -260,7 +300,9 @@ def detect(probs: np.ndarray, segmentation: np.ndarray, voxel_size_zyx, params: 
     sides = None
     if params.split_partners and components.any() and segmentation.any():
         sides = side_labels(probs, segmentation, voxel_size_zyx, params.partner_radius_nm, params.side_threshold)
-        components = split_by_partners(components, *sides, params.min_size)
+        contacts = contact_labels(components, segmentation, voxel_size_zyx, params.contact_radius_nm) \
+            if params.contact_radius_nm > 0 else ()
+        components = split_by_partners(components, (*sides, *contacts), params.min_size)
     components, _ = _renumber(components)
     return assign_partners(components, probs, segmentation, voxel_size_zyx, params.partner_radius_nm, fragments,
                            sides if params.partner_votes else None, image)
