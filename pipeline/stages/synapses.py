@@ -52,8 +52,9 @@ class DetectionParams:
                                       # 150 left split pieces as false positives (validation F1 0.872 -> 0.881)
     split_partners: bool = True    # cut components per (pre, post) pair of nearest side voxels
     side_threshold: float = 0.5
-    contact_radius_nm: float = 64.0  # also split per contact (`contact_labels`; 0 = off): validation F1 0.894 ->
-                                     # 0.906, partner accuracy 0.919 -> 0.939 (same filter)
+    contact_radius_nm: float = 64.0  # also split per contact (`contact_labels`; 0 = off). Validation seeds 301-312
+                                     # and 503-530 (643 synapses), same filter: F1 0.888 -> 0.895, partner accuracy
+                                     # 0.918 -> 0.942; 96 nm scored the same as 64 on 301-312, 40 and 48 less
     partner_votes: bool = False    # pre/post by the voxels' votes (exact with clean polarity; the packaged model's
                                    # polarity is noisy, and probability mass around each piece does better with it)
     candidate_filter: bool = True  # the model folder's candidate_filter.json, when it has one, decides which
