@@ -132,9 +132,9 @@ def test_packaged_detector_carries_a_filter_that_raises_precision():
     precision and keeps recall and F1 within reach.
 
     What the filter buys is precision; its F1 gain is small next to what two volumes can resolve (29 synapses: one
-    synapse is 0.03 of F1). Over seeds 501-508 (111 synapses) the step-68,000 filter gives precision 0.83 -> 0.93,
-    recall 0.86 -> 0.80, F1 0.846 -> 0.860; on 501-502 alone F1 0.793 -> 0.784. The benchmark's held-out F1
-    (benchmarks/synapse_quality.py) is the figure for F1."""
+    synapse is 0.03 of F1). Over seeds 501-508 (111 synapses) the step-68,000 filter (at its fitted 0.55, before the
+    contact split) gives precision 0.83 -> 0.93, recall 0.86 -> 0.80, F1 0.846 -> 0.860; on 501-502 alone F1
+    0.793 -> 0.784. The benchmark's held-out F1 (benchmarks/synapse_quality.py) is the figure for F1."""
     from pipeline.synapse_filter import labelled_candidates
     from pipeline.synapse_model import resolve_model
 

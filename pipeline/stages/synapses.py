@@ -54,7 +54,7 @@ class DetectionParams:
     side_threshold: float = 0.5
     contact_radius_nm: float = 64.0  # also split per contact (`contact_labels`; 0 = off). Validation seeds 301-312
                                      # and 503-530 (643 synapses), same filter: F1 0.888 -> 0.895, partner accuracy
-                                     # 0.918 -> 0.942; 96 nm scored the same as 64 on 301-312, 40 and 48 less
+                                     # 0.918 -> 0.942; on 301-312 alone 0.906 at 64 nm, 0.903 at 96
     partner_votes: bool = False    # pre/post by the voxels' votes (exact with clean polarity; the packaged model's
                                    # polarity is noisy, and probability mass around each piece does better with it)
     candidate_filter: bool = True  # the model folder's candidate_filter.json, when it has one, decides which
