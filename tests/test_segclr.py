@@ -124,9 +124,12 @@ def test_encoder_save_load_identical_outputs(tmp_path):
     save_model(enc, cfg, tmp_path / "m")
     enc2, cfg2 = load_model(tmp_path / "m")
     assert cfg2 == cfg
-    after = Embedder(enc2, cfg2, batch_size=4).embed_cutouts(x)
+    after = Embedder(enc2, cfg2, batch_size=2).embed_cutouts(x)
     assert before.shape == (5, 16)
-    np.testing.assert_array_equal(before, after)  # and independent of the batch it ran in
+    np.testing.assert_array_equal(before, after)  # saved and loaded: bit-identical
+    # independent of the batch it ran in, to float32 rounding: oneDNN picks its kernels (and summation order) by
+    # batch size and CPU, so batches of 2 and 4 differ by ~2e-8 on some CPUs and not at all on others
+    np.testing.assert_allclose(Embedder(enc2, cfg2, batch_size=4).embed_cutouts(x), before, rtol=1e-4, atol=1e-6)
     # the config file is XYZ for people
     import json
     assert json.loads((tmp_path / "m" / "config.json").read_text())["cutout_size_xyz"] == [17, 17, 9]
