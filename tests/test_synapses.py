@@ -106,6 +106,8 @@ def test_boutons_in_a_row_split_per_contact_without_polarity_votes():
     off = detect(probs, seg, VOXEL, DetectionParams(threshold=0.5, min_size=5, partner_radius_nm=40,
                                                     contact_radius_nm=0.0))
     assert len(off) == 1, "without contacts the polarity-less row stays one component"
+    with pytest.raises(ValueError, match="contact_radius_nm must be >= 0"):
+        DetectionParams(contact_radius_nm=-64.0)
 
 
 def test_merge_duplicates_and_validity():

@@ -65,6 +65,9 @@ class DetectionParams:
         from pipeline.synapse_model import check_flips
 
         check_flips(self.flips)
+        if self.contact_radius_nm < 0:
+            raise ValueError(f"contact_radius_nm must be >= 0 (0 turns the contact split off), got "
+                             f"{self.contact_radius_nm}")
 
 
 def _model(model_dir: str):
@@ -236,7 +239,8 @@ def contact_labels(components: np.ndarray, segmentation: np.ndarray, voxel_size_
     reach = np.floor(radius_nm / v).astype(int)
     offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
     dist = np.linalg.norm(offsets * v, axis=1)
-    offsets = offsets[dist <= radius_nm][np.argsort(dist[dist <= radius_nm], kind="stable")]  # nearest first
+    order = np.argsort(dist, kind="stable")
+    offsets = offsets[order][dist[order] <= radius_nm]  # nearest first
     shape = np.asarray(segmentation.shape)
     seg = segmentation.astype(np.uint64, copy=False)
     for start in range(0, len(fg), 4096):  # bounded memory (~150 MB): 4096 voxels x offsets at a time
