@@ -72,6 +72,22 @@ def test_fit_filter_learns_the_evidence_and_round_trips(tmp_path):
     assert load_filter(tmp_path / "nowhere") is None
 
 
+def test_fit_filter_chooses_its_threshold_out_of_fold():
+    """With volumes to split, the threshold comes from probabilities of models that never saw the scored volume;
+    the filter itself is still fitted on every candidate."""
+    train = pd.concat([_candidates(n=150, seed=s).assign(seed=s) for s in range(4)], ignore_index=True)
+    n_true = int(train["tp"].sum())
+    pooled = fit_filter(train.drop(columns="seed"), n_true)
+    by_volume = fit_filter(train, n_true)
+    np.testing.assert_allclose(by_volume.coef, pooled.coef)
+    assert 0.05 <= by_volume.threshold <= 0.95
+    # labels of pure noise: in-sample probabilities seem to separate them and lift the threshold; out of fold
+    # nothing separates, so keeping every candidate (the lowest threshold) gives the best F1
+    noise = train.assign(tp=(np.random.default_rng(0).random(len(train)) < 0.5).astype(int))
+    n_noise = int(noise["tp"].sum())
+    assert fit_filter(noise, n_noise).threshold == 0.05 < fit_filter(noise.drop(columns="seed"), n_noise).threshold
+
+
 def test_rejected_candidates_stay_in_the_table_outside_the_valid_view():
     seg, probs = _two_cells_with_a_blob()
     image = np.zeros(seg.shape, np.float32)
