@@ -40,10 +40,10 @@ FILTER_CALIBRATION = ("threshold", "flips", "merge_distance_nm")
 
 @dataclass(frozen=True)
 class DetectionParams:
-    """Defaults chosen for the packaged `synapses_small` on validation volumes (synthetic seeds 301-312, never the
-    benchmark's held-out 201-204); see pipeline/models/synapses_small/TRAINING.md. The averaged maps of 16 views
-    are smoother and less confident than one view's, hence the lower cleft threshold; the candidate filter is
-    fitted for the settings in `FILTER_CALIBRATION` (its file records them)."""
+    """Defaults chosen for the packaged `synapses_small` on validation volumes (synthetic seeds 301-312 and
+    503-530, never the benchmark's held-out 201-224); see pipeline/models/synapses_small/TRAINING.md. The averaged
+    maps of 16 views are smoother and less confident than one view's, hence the lower cleft threshold; the
+    candidate filter is fitted for the settings in `FILTER_CALIBRATION` (its file records them)."""
 
     threshold: float = 0.8
     min_size: int = 20
