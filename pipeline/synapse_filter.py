@@ -38,6 +38,7 @@ FEATURES = ("size_voxels", "score", "score_max", "z_sections", "pre_side", "post
             "nn_nm", "nn_larger", "nn_same_pre")
 LOG_FEATURES = ("size_voxels", "nn_nm")
 LONELY_NM = 10_000.0  # neighbour distance of a candidate that has none
+THRESHOLD_FOLDS = 5  # the filter threshold is chosen on out-of-fold probabilities, volumes split this many ways
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def f1_at(prob: np.ndarray, tp: np.ndarray, n_true: int, threshold: float) -> tu
 
 
 def fit_filter(candidates: pd.DataFrame, n_true: int, features=FEATURES, c: float = 1.0,
-               folds: int = 5) -> CandidateFilter:
+               folds: int = THRESHOLD_FOLDS) -> CandidateFilter:
     """Logistic regression on standardised features. The threshold maximises F1 (0.05 steps, coarse enough not to
     chase noise) over out-of-fold probabilities: with a `seed` column the volumes are split into `folds` groups and
     each group is scored by a model fitted on the others, so the threshold is chosen on candidates the scoring
@@ -207,10 +208,9 @@ def fit_filter(candidates: pd.DataFrame, n_true: int, features=FEATURES, c: floa
     tp = candidates["tp"].to_numpy()
     prob = fitted.probability(candidates)
     volumes = candidates["seed"].to_numpy() if "seed" in candidates else np.zeros(len(candidates))
-    groups = np.unique(volumes)
+    groups, volume_index = np.unique(volumes, return_inverse=True)
     if len(groups) >= 2:
-        fold_of = dict(zip(groups, np.arange(len(groups)) % min(folds, len(groups))))
-        fold = np.array([fold_of[v] for v in volumes])
+        fold = volume_index % min(folds, len(groups))
         for k in np.unique(fold):
             train = candidates[fold != k]
             if train["tp"].nunique() == 2:
@@ -275,7 +275,7 @@ def fit_from_config(config: str | os.PathLike | dict) -> Path:
         "fit_seeds": [fit_seeds.start, fit_seeds.stop], "validation_seeds": [val_seeds.start, val_seeds.stop],
         "shape_zyx": list(shape), "segmentations": list(segmentations), "detection": asdict(detection),
         "fit_candidates": int(len(fit_set)), "fit_true_synapses": int(fit_true),
-        "threshold_chosen_on": "out-of-fold probabilities of the fit volumes (5 folds by volume)",
+        "threshold_chosen_on": f"out-of-fold probabilities of the fit volumes ({THRESHOLD_FOLDS} folds by volume)",
         "validation_without_filter": figures(before), "validation_with_filter": figures(after),
         "validation_per_segmentation": per_source,
         "seconds": round(time.time() - t0, 1),
