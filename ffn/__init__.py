@@ -7,3 +7,7 @@
   model calls across canvases).
 - ``ffn.train``: training (partitions, coordinates, examples, loop).
 """
+
+from storage.tensorflow_env import configure as _configure_tensorflow
+
+_configure_tensorflow()  # before any module of this package imports TensorFlow

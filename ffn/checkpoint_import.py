@@ -14,12 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ffn.model import FFNConfig, build_model, save_model, set_conv_weights  # noqa: E402
-from storage.errors import ConnectomeError  # noqa: E402
+from ffn.model import FFNConfig, build_model, save_model, set_conv_weights
+from storage.errors import ConnectomeError
 
 SCOPE = "seed_update/"
 _CONV_RE = re.compile(r"^seed_update/(conv\d+_[ab]|conv_lom)/(weights|biases)$")

@@ -11,17 +11,14 @@ on its own floods' logits, so the labels do not depend on how canvases are group
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ffn.canvas import Canvas  # noqa: E402
-from ffn.model import FFNConfig, get_conv_weights  # noqa: E402
-from storage.errors import ConfigError  # noqa: E402
+from ffn.canvas import Canvas
+from ffn.model import FFNConfig, get_conv_weights
+from storage.errors import ConfigError
 
 ForwardFn = Callable[[np.ndarray], np.ndarray]  # (n, z, y, x, 2) float32 -> (n, z, y, x) float32 logits
 

@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from storage.model_dirs import packaged_models, read_config_json, resolve_model_dir  # noqa: E402
-from storage.errors import ConfigError, ConnectomeError  # noqa: E402
+from storage.model_dirs import packaged_models, read_config_json, resolve_model_dir
+from storage.errors import ConfigError, ConnectomeError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from storage.errors import ConfigError  # noqa: E402
-from storage.model_dirs import read_config_json, resolve_model_dir  # noqa: E402
+from storage.errors import ConfigError
+from storage.model_dirs import read_config_json, resolve_model_dir
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"

@@ -6,3 +6,7 @@ collapse monitor) -> embeddings (batched inference) -> aggregation (geodesic rad
 residual MLP with confidence) + ood (distance-based out-of-distribution score); export (published CSV-in-ZIP
 sharded layout); skeletons (kimimaro per block, merged per segment). Never imports pipeline/.
 """
+
+from storage.tensorflow_env import configure as _configure_tensorflow
+
+_configure_tensorflow()  # before any module of this package imports TensorFlow

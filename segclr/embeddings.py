@@ -7,14 +7,11 @@ embedding does not depend on which other nodes share its batch.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from segclr.cutouts import ScaledRegion  # noqa: E402
+from segclr.cutouts import ScaledRegion
 
 
 class Embedder:

@@ -24,14 +24,12 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from segclr.cutouts import ScaledRegion  # noqa: E402
-from segclr.pairs import PairSampler  # noqa: E402
-from segclr.skeletons import Skeleton  # noqa: E402
-from storage.errors import ConfigError, ConnectomeError  # noqa: E402
+from segclr.cutouts import ScaledRegion
+from segclr.pairs import PairSampler
+from segclr.skeletons import Skeleton
+from storage.errors import ConfigError, ConnectomeError
 
 
 # ---- loss and monitors (numpy reference + TF) --------------------------------------------------------------------

@@ -7,9 +7,6 @@ trained FFN, so each test knows exactly what the right segmentation is.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest

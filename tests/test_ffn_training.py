@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import csv
-import os
 
 import h5py
 import numpy as np
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from ffn.model import logit  # noqa: E402
-from ffn.train.augment import AugmentConfig, augment_patch  # noqa: E402
-from ffn.train.coordinates import BalancedSampler  # noqa: E402
-from ffn.train.examples import Example, fixed_shifts, soft_labels, walk  # noqa: E402
-from ffn.train.partitions import EXCLUDED, compute_partitions  # noqa: E402
+from ffn.model import logit
+from ffn.train.augment import AugmentConfig, augment_patch
+from ffn.train.coordinates import BalancedSampler
+from ffn.train.examples import Example, fixed_shifts, soft_labels, walk
+from ffn.train.partitions import EXCLUDED, compute_partitions
 
 
 def halves_volume() -> np.ndarray:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import zipfile
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from segclr.aggregation import aggregate  # noqa: E402
-from segclr.classifiers import Classifier, macro_f1, train_classifier  # noqa: E402
-from segclr.cutouts import downsample_em, downsample_seg, extract_cutout, scale_region  # noqa: E402
-from segclr.export import CsvZipReader, md5_shard, write_csv_zips  # noqa: E402
-from segclr.ood import auroc  # noqa: E402
-from segclr.pairs import PairSampler  # noqa: E402
-from segclr.skeletons import Skeleton  # noqa: E402
-from segclr.training import augment, ntxent_numpy, std_x_sqrtd  # noqa: E402
-from storage.errors import ConnectomeError  # noqa: E402
+from segclr.aggregation import aggregate
+from segclr.classifiers import Classifier, macro_f1, train_classifier
+from segclr.cutouts import downsample_em, downsample_seg, extract_cutout, scale_region
+from segclr.export import CsvZipReader, md5_shard, write_csv_zips
+from segclr.ood import auroc
+from segclr.pairs import PairSampler
+from segclr.skeletons import Skeleton
+from segclr.training import augment, ntxent_numpy, std_x_sqrtd
+from storage.errors import ConnectomeError
 
 
 def _path_skeleton(n: int, spacing: float = 1000.0) -> Skeleton:

@@ -23,18 +23,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ffn.model import FFNConfig, build_model, save_model  # noqa: E402
-from ffn.train.augment import augment_patch  # noqa: E402
-from ffn.train.config import TrainConfig  # noqa: E402
-from ffn.train.coordinates import BalancedSampler  # noqa: E402
-from ffn.train.examples import Example, crop_centered, fixed_shifts, patch_size, walk  # noqa: E402
-from ffn.train.partitions import compute_partitions  # noqa: E402
-from ffn.train.volumes import load_training_volume  # noqa: E402
-from storage.errors import ConnectomeError  # noqa: E402
+from ffn.model import FFNConfig, build_model, save_model
+from ffn.train.augment import augment_patch
+from ffn.train.config import TrainConfig
+from ffn.train.coordinates import BalancedSampler
+from ffn.train.examples import Example, crop_centered, fixed_shifts, patch_size, walk
+from ffn.train.partitions import compute_partitions
+from ffn.train.volumes import load_training_volume
+from storage.errors import ConnectomeError
 
 CSV_FIELDS = ["step", "loss", "precision", "recall", "f1", "learning_rate", "elapsed_s", "steps_per_s"]
 
