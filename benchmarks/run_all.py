@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "query_speed": (["--cells", "5000", "--synapses", "200000", "--batch", "100000", "--reps", "20",
                      "--conn-reps", "2", "--threads", "2"], 900),
     "mesh_downsample_vs_igneous": (["--shape", "64", "128", "128"], 900),
+    "tensorflow_backend": (["--repeats", "10"], 900),
     # 96^3: the smallest size where the FIB-25 model takes enough steps for a steady ms/step (48^3: 9 steps)
     "ffn_speed": (["--size", "96", "--batches", "1,4", "--fib25-batches", "1", "--precisions", "float32",
                    "--threads", "2"], 1500),
@@ -231,6 +232,15 @@ def headline(results: dict[str, dict]) -> list[str]:
                         f"on this machine, synthetic 160^3 (notes/ffn.md); this run: {f.get('volume')} "
                         f"{f.get('size')}^3, {steps} steps" + (" (too few steps for a steady ms/step: first-call "
                         "warm-up dominates)" if isinstance(steps, int) and steps < 50 else "") + " |")
+    t = _get(results.get("tensorflow_backend"), "result")
+    if t and isinstance(t.get("speedup"), dict):
+        names = {"ffn_small_forward_b4_ms": "small FFN forward (batch 4)", "ffn_small_train_step_b4_ms":
+                 "small FFN training step", "fib25_forward_b1_ms": "FIB-25 forward", "synapse_unet_block_ms":
+                 "synapse U-Net, one 48x192x192 block"}
+        for key, ratio in t["speedup"].items():
+            rows.append(f"| TensorFlow oneDNN vs Eigen kernels: {names.get(key, key)} | {t['onednn'][key]:.4g} ms vs "
+                        f"{t['eigen'][key]:.4g} ms | **{ratio:.3g}x** (Eigen time / oneDNN) | oneDNN is what the "
+                        "project turns on (storage/tensorflow_env.py); Eigen is TensorFlow's default on AVX2 CPUs |")
     q = _get(results.get("query_speed"), "result")
     if q and isinstance(q.get("duckdb"), dict) and isinstance(q.get("pandas"), dict):
         for key in sorted(k for k in q["duckdb"] if k.endswith("_p50_ms") or k.endswith("_s")):

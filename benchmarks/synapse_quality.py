@@ -11,7 +11,7 @@ on synthetic to show what the filter adds.
     python benchmarks/synapse_quality.py [--model synapses_small] [--seeds 201 ... 224] [--shape 48 192 192]
         [--no-filter] [--flips 1|4|8|16]
 
-The default held-out set is 24 volumes (368 synapses, about 30 minutes on 2 cores): with 4 volumes (69 synapses)
+The default held-out set is 24 volumes (368 synapses, about 13 minutes on 2 cores): with 4 volumes (69 synapses)
 one synapse moved F1 by 0.007, more than the differences being measured (see
 pipeline/models/synapses_small/TRAINING.md, stop 19).
 
