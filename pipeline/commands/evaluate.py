@@ -21,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_labels(src: str, box=None):
     """A ZYX array and its voxel size (XYZ nm or None) from a volume URL/path, file.h5:dataset or .npy."""
-    import os
-
     from storage.importers import H5_SUFFIXES, open_source
 
     lower = src.lower()

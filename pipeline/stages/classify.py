@@ -13,7 +13,6 @@ segment_id,cell_type) and ``train_compartment_classifier`` (labels per node).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -20,7 +20,7 @@ import pandas as pd
 
 from segclr.cutouts import aligned_read_box, scale_region
 from segclr.skeletons import subsample_nodes, table_to_skeletons
-from storage.box import Block, Box, BlockGrid
+from storage.box import Block, BlockGrid
 from storage.volume import open_volume
 
 NODES_FILE = "embed_nodes.parquet"

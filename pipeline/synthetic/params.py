@@ -9,7 +9,7 @@ is what keeps every ground-truth segment one connected component without a globa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from storage.errors import ConnectomeError

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from pipeline.synthetic.labels import Nodes
-from pipeline.synthetic.morphology import AXON, DEND, MAX_RADIUS_NM
+from pipeline.synthetic.morphology import DEND, MAX_RADIUS_NM
 from pipeline.synthetic.noise import hash_key, rng_for
 from pipeline.synthetic.params import SynthParams
 
