@@ -65,10 +65,10 @@ def measure(repeats: int) -> dict:
             fib, _ = load_ffn(import_checkpoint(CKPT, Path(tmp) / "fib25"))
         xf = rng.random((1, *fib.inputs[0].shape[1:]), np.float32)
         fib_forward = tf.function(lambda t: fib(t, training=False))
-        out["fib25_forward_b1_ms"] = median_ms(lambda: fib_forward(xf).numpy(), max(3, repeats // 4))
+        out["fib25_forward_b1_ms"] = median_ms(lambda: fib_forward(xf).numpy(), max(5, repeats // 2))
     synapses, config = load_synapses("synapses_small")
     block = rng.integers(0, 256, (48, 192, 192), dtype=np.uint8)
-    out["synapse_unet_block_ms"] = median_ms(lambda: predict(synapses, config, block, 1), max(3, repeats // 4))
+    out["synapse_unet_block_ms"] = median_ms(lambda: predict(synapses, config, block, 1), max(5, repeats // 2))
     return out
 
 

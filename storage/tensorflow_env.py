@@ -2,8 +2,9 @@
 
 Why: TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX. On AVX2
 machines (AMD EPYC nodes, common on clusters) it falls back to Eigen. On the 2-core AMD development machine
-(2026-11-30, `python benchmarks/tensorflow_backend.py`) Eigen was slower than oneDNN by 1.9x for a batch-4 FFN
-forward pass, 3.3x for an FFN training step, 1.6x for the FIB-25 model and 3.9x for the synapse U-Net.
+(2026-11-30, three runs of `python benchmarks/tensorflow_backend.py`) Eigen was slower than oneDNN by 1.7-2.2x
+for a batch-4 FFN forward pass, 2.4-3.4x for an FFN training step, 1.1-2.3x for the FIB-25 model and 2.6-3.9x
+for the synapse U-Net.
 So the project asks for oneDNN everywhere. A user's own `TF_ENABLE_ONEDNN_OPTS` (0 to compare, or to reproduce
 Eigen's rounding) wins. TensorFlow's C++ info lines (the oneDNN notice among them) are quieted the same way.
 
