@@ -74,14 +74,21 @@ class Forward:
 
         spec = tf.TensorSpec((n, *self.config.fov_size, 2), tf.float32)
 
+        def residual_relu(x):
+            # max(x, 0), not tf.nn.relu: the residual sum feeds both this ReLU and the next skip connection, and
+            # Grappler's remapper (oneDNN) tried to fuse conv + bias + add + relu into one op anyway, failing with a
+            # "remapper failed" error line per graph; with Maximum it fuses conv + bias + add only. Same values,
+            # bit for bit, and no slower.
+            return tf.maximum(x, tf.zeros((), x.dtype))
+
         @tf.function(input_signature=[spec], jit_compile=False, reduce_retracing=False)
         def fn(inp):
             x = tf.cast(inp, dtype)
             x = conv(conv(x, "conv0_a", True), "conv0_b", False)
             for i in range(1, depth):
-                y = conv(conv(tf.nn.relu(x), f"conv{i}_a", True), f"conv{i}_b", False)
+                y = conv(conv(residual_relu(x), f"conv{i}_a", True), f"conv{i}_b", False)
                 x = x + y
-            update = conv(tf.nn.relu(x), "conv_lom", False)
+            update = conv(residual_relu(x), "conv_lom", False)
             return inp[..., 1] + tf.cast(update[..., 0], tf.float32)
 
         return fn
