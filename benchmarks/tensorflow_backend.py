@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import CKPT  # common also puts the repository on sys.path and configures TensorFlow
+from storage.tensorflow_env import onednn_enabled
+
 BACKENDS = {"eigen": "0", "onednn": "1"}
 
 
@@ -42,15 +45,13 @@ def measure(repeats: int) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
-    from tensorflow.python.util import _pywrap_util_port
 
-    from common import CKPT
     from ffn.model import load_model as load_ffn
     from pipeline.synapse_model import load_model as load_synapses
     from pipeline.synapse_model import predict
 
     rng = np.random.default_rng(0)
-    out = {"onednn_on": bool(_pywrap_util_port.IsMklEnabled())}
+    out = {"onednn_on": onednn_enabled()}
     ffn, _ = load_ffn("synthetic_small")
     x = rng.random((4, *ffn.inputs[0].shape[1:]), np.float32)
     forward = tf.function(lambda t: ffn(t, training=False))
@@ -79,7 +80,6 @@ def main(argv=None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         print(json.dumps(measure(args.repeats)))
         return 0
     results = {}

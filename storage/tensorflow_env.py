@@ -6,7 +6,8 @@ machines (AMD EPYC nodes, common on clusters) it falls back to Eigen. On the 2-c
 for a batch-4 FFN forward pass, 2.4-3.4x for an FFN training step, 1.1-2.3x for the FIB-25 model and 2.6-3.9x
 for the synapse U-Net.
 So the project asks for oneDNN everywhere. A user's own `TF_ENABLE_ONEDNN_OPTS` (0 to compare, or to reproduce
-Eigen's rounding) wins. TensorFlow's C++ info lines (the oneDNN notice among them) are quieted the same way.
+Eigen's rounding) wins. TensorFlow's C++ info lines are quieted the same way (all but its "oneDNN custom
+operations are on" notice, which it prints whatever the level says).
 
 Every package that imports TensorFlow (ffn, segclr, pipeline) calls `configure()` from its `__init__`, so the
 settings hold in the driver, in Dask workers (they import a package before running its tasks) and in Slurm or
@@ -25,3 +26,10 @@ def configure() -> None:
     """Set each of `DEFAULTS` unless the environment already has it. Too late once TensorFlow is loaded."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def onednn_enabled() -> bool:
+    """TensorFlow's own answer (imports TensorFlow): are its oneDNN kernels on in this process?"""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-ONEDNN_STATE = ("from tensorflow.python.util import _pywrap_util_port as port; "
-                "print(int(port.IsMklEnabled()))")  # TensorFlow's own answer: are its oneDNN kernels on?
+ONEDNN_STATE = "from storage.tensorflow_env import onednn_enabled; print(int(onednn_enabled()))"
 
 
 def _onednn_after_importing(package: str, env_value: str | None) -> bool:
@@ -23,7 +22,7 @@ def _onednn_after_importing(package: str, env_value: str | None) -> bool:
 
 @pytest.mark.parametrize("package", ["ffn", "segclr", "pipeline"])
 def test_importing_a_package_turns_onednn_on(package):
-    # without it TensorFlow uses Eigen on AVX2 CPUs, 1.7-2.8x slower here (storage/tensorflow_env.py)
+    # without it TensorFlow uses Eigen on AVX2 CPUs, several times slower (storage/tensorflow_env.py)
     assert _onednn_after_importing(package, None)
 
 
