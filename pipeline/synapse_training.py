@@ -3,7 +3,10 @@
 Targets come from a cleft label volume (one id per synapse) plus the segmentation and the synapse table: the
 presynaptic target is the presynaptic segment's voxels within `radius` of that synapse's cleft, likewise post.
 Patches are drawn half around cleft voxels and half anywhere, because clefts are <1% of voxels and a detector
-trained on uniform patches learns to say "no" everywhere.
+trained on uniform patches learns to say "no" everywhere. The cleft-centred half picks either a cleft voxel
+(`positive_sampling="voxel"`: a synapse is seen in proportion to its size) or first a synapse, i.e. a connected
+cleft component, and then a voxel in it (`"synapse"`: a cleft 100x smaller than another is then seen as often,
+not 100x less often; the synapses the detector finds too faintly to keep are mostly small ones).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,29 @@ class TrainingVolume:
     polarity: bool = True
     name: str = ""
     weight: float = 1.0  # relative probability of drawing a patch from this volume
+
+    @functools.cached_property
+    def cleft_voxels(self) -> np.ndarray:
+        """(n, 3) coordinates of the cleft voxels in C order; computed once, not per patch."""
+        return np.argwhere(self.cleft)
+
+    @functools.cached_property
+    def cleft_components(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices into `cleft_voxels` grouped by connected cleft component, and each group's start (n + 1)."""
+        import cc3d
+
+        labels = cc3d.connected_components(self.cleft != 0, connectivity=26)
+        of_voxel = labels[tuple(self.cleft_voxels.T)]
+        order = np.argsort(of_voxel, kind="stable")
+        return order, np.searchsorted(of_voxel[order], np.arange(1, int(labels.max()) + 2))
+
+    def cleft_centre(self, rng: np.random.Generator, positive_sampling: str) -> np.ndarray:
+        """A cleft voxel: uniform over voxels ("voxel") or over components, then voxels ("synapse")."""
+        if positive_sampling == "voxel":
+            return self.cleft_voxels[rng.integers(len(self.cleft_voxels))]
+        order, starts = self.cleft_components
+        k = rng.integers(len(starts) - 1)
+        return self.cleft_voxels[order[rng.integers(starts[k], starts[k + 1])]]
 
 
 def polarity_targets(segmentation: np.ndarray, clefts: np.ndarray, pre_of: dict[int, int], post_of: dict[int, int],
@@ -55,14 +83,17 @@ def polarity_targets(segmentation: np.ndarray, clefts: np.ndarray, pre_of: dict[
     return cleft.astype(np.uint8), pre.astype(np.uint8), post.astype(np.uint8)
 
 
+POSITIVE_SAMPLING = ("voxel", "synapse")
+
+
 def sample_patch(volume: TrainingVolume, shape: tuple[int, int, int], rng: np.random.Generator,
-                 positive_fraction: float = 0.5, section_jump_probability: float = 0.1):
+                 positive_fraction: float = 0.5, section_jump_probability: float = 0.1,
+                 positive_sampling: str = "voxel"):
     """A random patch (image, targets (3,...), channel weights (3,)), half of them centred on a cleft voxel."""
     dims = np.array(volume.image.shape)
     shape_a = np.minimum(np.array(shape), dims)
-    if rng.random() < positive_fraction and volume.cleft.any():
-        coords = np.argwhere(volume.cleft)
-        centre = coords[rng.integers(len(coords))]
+    if rng.random() < positive_fraction and len(volume.cleft_voxels):
+        centre = volume.cleft_centre(rng, positive_sampling)
         start = np.clip(centre - shape_a // 2 + rng.integers(-(shape_a // 4), shape_a // 4 + 1), 0, dims - shape_a)
     else:
         start = np.array([rng.integers(0, d - s + 1) for d, s in zip(dims, shape_a)])
@@ -92,7 +123,7 @@ def sample_patch(volume: TrainingVolume, shape: tuple[int, int, int], rng: np.ra
 def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: str | Path, *, steps: int = 2000,
           batch_size: int = 4, patch_shape: tuple[int, int, int] = (24, 64, 64), learning_rate: float = 1e-3,
           cleft_pos_weight: float = 8.0, checkpoint_every: int = 250, seed: int = 0, log_every: int = 25,
-          final_lr_fraction: float = 1.0) -> Path:
+          final_lr_fraction: float = 1.0, positive_sampling: str = "voxel") -> Path:
     """Adam on weighted sigmoid cross-entropy; checkpoints (and resumes) in out_dir/checkpoint.
 
     The learning rate follows a cosine from `learning_rate` at step 0 to `final_lr_fraction` of it at `steps`
@@ -143,8 +174,8 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
         for step in range(start_step, steps):
             if final_lr_fraction != 1.0:
                 optimizer.learning_rate.assign(lr_at(step))
-            batch = [sample_patch(volumes[rng.choice(len(volumes), p=p_volume)], patch_shape, rng)
-                     for _ in range(batch_size)]
+            batch = [sample_patch(volumes[rng.choice(len(volumes), p=p_volume)], patch_shape, rng,
+                                  positive_sampling=positive_sampling) for _ in range(batch_size)]
             x = np.concatenate([normalize(b[0], config) for b in batch])
             y = np.stack([b[1] for b in batch])
             w = np.stack([b[2] for b in batch])
@@ -225,7 +256,9 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
     """`connectome train synapses CONFIG` (a JSON/YAML file or its dict): {"out", "steps", "batch_size",
     "patch_shape_zyx", "learning_rate", "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed",
     "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
-    patch-sampling frequency). ``max_steps`` / ``output_dir`` override "steps" / "out"."""
+    patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring).
+    ``max_steps`` / ``output_dir`` override "steps" / "out". Synthetic volumes are generated in parallel, one
+    process per core (spawned, so no TensorFlow state is forked)."""
     from pipeline.config import read_config_file
     from storage.errors import ConfigError
 
@@ -243,7 +276,11 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
                         patch_shape=tuple(int(n) for n in config.get("patch_shape_zyx", (24, 64, 64))),
                         learning_rate=float(config.get("learning_rate", 1e-3)),
                         final_lr_fraction=float(config.get("final_lr_fraction", 1.0)),
-                        seed=int(config.get("seed", 0)))
+                        seed=int(config.get("seed", 0)),
+                        positive_sampling=str(config.get("positive_sampling", "voxel")))
+        if settings["positive_sampling"] not in POSITIVE_SAMPLING:
+            raise ConfigError(f"{where}: positive_sampling must be one of {POSITIVE_SAMPLING}, "
+                              f"got {settings['positive_sampling']!r}")
         sources = []
         for i, entry in enumerate(config["data"]):
             if "synthetic" in entry:
@@ -264,9 +301,12 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
         raise ConfigError(f"{where}: missing field {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: bad value ({exc})") from None
-    volumes = []
-    for make, weight in sources:  # the slow part, only once the whole config is known to be good
-        volumes.append(make())
-        volumes[-1].weight = weight
+    # the slow part, only once the whole config is known to be good
+    workers = min(os.cpu_count() or 1, len(sources))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(make) for make, _ in sources]
+        volumes = [future.result() for future in futures]
+    for volume, (_, weight) in zip(volumes, sources):
+        volume.weight = weight
     out.mkdir(parents=True, exist_ok=True)
     return train(volumes, model_config, out, **settings)

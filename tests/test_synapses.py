@@ -166,6 +166,21 @@ def test_model_save_load_and_training_resume(tmp_path):
     assert pd.read_csv(tmp_path / "t" / "train_log.csv")["step"].tolist() == [2, 4, 6]
 
 
+def test_synapse_sampling_sees_small_clefts_as_often_as_large():
+    """"synapse" positive sampling picks a cleft component first: a 1-voxel cleft next to a 999-voxel one gets
+    half the cleft-centred patches instead of 1 in 1,000."""
+    cleft = np.zeros((10, 40, 40), np.uint8)
+    cleft[0:9, 0:10, 0:10] = 1  # 900 voxels
+    cleft[9, 0:9, 0:11] = 1  # 99 more, touching: one 999-voxel component
+    cleft[5, 30, 30] = 1  # a lone voxel
+    vol = TrainingVolume(np.zeros_like(cleft), cleft, np.zeros_like(cleft), np.zeros_like(cleft))
+    rng = np.random.default_rng(0)
+    small = {mode: np.mean([tuple(vol.cleft_centre(rng, mode)) == (5, 30, 30) for _ in range(2000)])
+             for mode in ("voxel", "synapse")}
+    assert small["voxel"] < 0.01 and 0.45 < small["synapse"] < 0.55
+    assert all(cleft[tuple(vol.cleft_centre(rng, "synapse"))] for _ in range(200))
+
+
 def test_unet_detector_any_shape_and_config(tmp_path):
     from pipeline.synapse_model import SynapseModelConfig, build_model, load_model, predict, save_model
     from storage.errors import ConfigError
@@ -243,6 +258,8 @@ def test_train_from_config_unet_with_widened_clefts(tmp_path):
     for field, bad in (("steps", "many"), ("patch_shape_zyx", [4, "x", 16])):
         with pytest.raises(ConfigError, match="bad value"):
             train_from_config({**config, field: bad, "out": str(tmp_path / "bad")})
+    with pytest.raises(ConfigError, match="positive_sampling.*'cleft'"):
+        train_from_config({**config, "positive_sampling": "cleft", "out": str(tmp_path / "bad")})
     assert not (tmp_path / "bad").exists()
     proc_path = tmp_path / "broken.json"
     proc_path.write_text(json.dumps({**config, "steps": "many"}))
