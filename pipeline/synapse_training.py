@@ -225,11 +225,12 @@ def isbi_stack(folder: str | Path, sections: range, downsample_xy: int = 2) -> t
     (raw) and max (clefts) so its pixels match the 8 nm of the synthetic data the same model learns from."""
     from PIL import Image
 
+    from storage.errors import VolumeError
     from storage.pyramid import downsample_mean
 
     folder = Path(folder)
     if not (folder / "raw").is_dir():
-        raise FileNotFoundError(f"ISBI folder {folder} has no raw/ sections")
+        raise VolumeError(f"ISBI folder {folder} has no raw/ sections")
 
     def stack(kind: str) -> np.ndarray:
         files = sorted((folder / kind).glob("*.png"))
@@ -257,8 +258,8 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
     "patch_shape_zyx", "learning_rate", "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed",
     "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
     patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring).
-    ``max_steps`` / ``output_dir`` override "steps" / "out". Synthetic volumes are generated in parallel, one
-    process per core (spawned, so no TensorFlow state is forked)."""
+    ``max_steps`` / ``output_dir`` override "steps" / "out". Training volumes are made in parallel processes
+    (spawned, so no TensorFlow state is forked)."""
     from pipeline.config import read_config_file
     from storage.errors import ConfigError
 
@@ -289,6 +290,8 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
                                          cleft_dilation_nm=float(d.get("cleft_dilation_nm", 0.0)))
             elif "isbi" in entry:
                 d = entry["isbi"]
+                if not (Path(d["folder"]) / "raw").is_dir():
+                    raise ConfigError(f"{where}: data[{i}] isbi folder {d['folder']} has no raw/ sections")
                 make = functools.partial(isbi_volume, d["folder"], range(int(d["first"]), int(d["stop"])))
             else:
                 raise ConfigError(f"{where}: data[{i}] must have 'synthetic' or 'isbi', got {entry}")
@@ -301,8 +304,9 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
         raise ConfigError(f"{where}: missing field {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: bad value ({exc})") from None
-    # the slow part, only once the whole config is known to be good
-    workers = min(os.cpu_count() or 1, len(sources))
+    # the slow part, only once the whole config is known to be good. One process per core this job may use (a
+    # Slurm/cgroup allocation, not the node), at most 8: each holds a generator's working set of about 1 GB.
+    workers = min(len(os.sched_getaffinity(0)), 8, len(sources))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(make) for make, _ in sources]
         volumes = [future.result() for future in futures]

@@ -260,6 +260,10 @@ def test_train_from_config_unet_with_widened_clefts(tmp_path):
             train_from_config({**config, field: bad, "out": str(tmp_path / "bad")})
     with pytest.raises(ConfigError, match="positive_sampling.*'cleft'"):
         train_from_config({**config, "positive_sampling": "cleft", "out": str(tmp_path / "bad")})
+    with pytest.raises(ConfigError, match=r"data\[1\] isbi folder .*nowhere has no raw/"):
+        train_from_config({**config, "data": config["data"] + [{"isbi": {"folder": str(tmp_path / "nowhere"),
+                                                                         "first": 0, "stop": 2}}],
+                           "out": str(tmp_path / "bad")})
     assert not (tmp_path / "bad").exists()
     proc_path = tmp_path / "broken.json"
     proc_path.write_text(json.dumps({**config, "steps": "many"}))
