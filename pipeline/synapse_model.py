@@ -150,8 +150,14 @@ def normalize(image: np.ndarray, config: SynapseModelConfig) -> np.ndarray:
 
 
 def save_model(model, config: SynapseModelConfig, directory: str | Path) -> Path:
+    """config.json + model.weights.h5 with the layers' weights only: a compiled (training) model's weights file
+    would also carry its optimizer's state, three times the size and of no use for inference."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if getattr(model, "optimizer", None) is not None:
+        bare = build_model(config)
+        bare.set_weights(model.get_weights())
+        model = bare
     model.save_weights(directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_json_dict(), indent=2))
     return directory
@@ -205,29 +211,40 @@ def _symmetries(flips: int) -> list[tuple[bool, bool, bool, bool]]:
 
 
 def _predict_once(model, config: SynapseModelConfig, image: np.ndarray) -> np.ndarray:
-    import tensorflow as tf
-
     m = config.yx_multiple
     shape = image.shape
     pad = [(0, 0)] + [(0, (-n) % m) for n in shape[1:]]
     if any(p for _, p in pad):
         image = np.pad(image, pad, mode="reflect" if min(shape[1:]) > m else "edge")
-    probs = _forward(model)(tf.constant(normalize(image, config))).numpy()
+    probs = _forward(model)(normalize(image, config))
     return np.ascontiguousarray(probs[:, :, : shape[1], : shape[2]])
 
 
 def _forward(model):
-    """The model's probabilities (channels first) as one traced graph, kept on the model. Keras 3 calls a model's
-    layers one by one in eager mode; the traced graph lets TensorFlow fuse each convolution with its bias and ReLU,
-    which halves the time of a 48 x 192 x 192 view on 2 CPU cores (4.6 s -> 2.3 s, identical output). One
-    signature with free spatial sizes, so views of any shape reuse the trace."""
-    import tensorflow as tf
+    """The model's probabilities (channels first, numpy) for one normalised (1, z, y, x, 1) view, kept on the model.
+
+    Under TensorFlow, one traced graph: Keras 3 calls a model's layers one by one in eager mode; the traced graph
+    lets TensorFlow fuse each convolution with its bias and ReLU, which halves the time of a 48 x 192 x 192 view on
+    2 CPU cores (4.6 s -> 2.3 s, identical output). One signature with free spatial sizes, so views of any shape
+    reuse the trace. Under another Keras backend (JAX, PyTorch) Keras's own compiled predict step."""
+    import keras
 
     forward = getattr(model, "_connectome_forward", None)
-    if forward is None:
+    if forward is not None:
+        return forward
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
         @tf.function(input_signature=[tf.TensorSpec([1, None, None, None, 1], tf.float32)], jit_compile=False)
-        def forward(x):
+        def traced(x):
             return tf.transpose(tf.sigmoid(model(x, training=False))[0], (3, 0, 1, 2))
 
-        model._connectome_forward = forward
+        def forward(x: np.ndarray) -> np.ndarray:
+            return traced(x).numpy()
+    else:
+        def forward(x: np.ndarray) -> np.ndarray:
+            logits = np.asarray(model.predict_on_batch(x), dtype=np.float32)[0]
+            return np.ascontiguousarray((1.0 / (1.0 + np.exp(-logits))).transpose(3, 0, 1, 2))
+
+    model._connectome_forward = forward
     return forward

@@ -120,16 +120,55 @@ def sample_patch(volume: TrainingVolume, shape: tuple[int, int, int], rng: np.ra
     return np.ascontiguousarray(image), np.ascontiguousarray(targets), weights
 
 
+def backend_step_options() -> dict:
+    """`compile` options per Keras backend. JAX always compiles its step with XLA (that is what makes it fast on a
+    GPU); TensorFlow and PyTorch run their graph/eager step, because XLA's CPU code for these 3D convolutions was
+    several times slower than TensorFlow's oneDNN kernels on the development machines."""
+    import keras
+
+    return {"jit_compile": keras.backend.backend() == "jax"}
+
+
+def pack_targets(targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(B, 3, z, y, x) targets + (B, 3) channel weights -> one channels-last array (B, z, y, x, 6), because a Keras
+    loss sees only y_true and y_pred: channels 0-2 are the targets, 3-5 each sample's weights repeated."""
+    b, c = weights.shape
+    w = np.broadcast_to(weights[:, None, None, None, :], (b, *targets.shape[2:], c))
+    return np.concatenate([np.moveaxis(targets, 1, -1), w], axis=-1).astype(np.float32)
+
+
+def weighted_cleft_loss(pos_weight: tuple[float, float, float]):
+    """Sigmoid cross-entropy with a positive-class weight per channel (clefts are <1% of voxels), each (sample,
+    channel) weighted by its packed weight (0 masks a channel: ISBI has no polarity) and normalised by the weight
+    sum, so a batch's loss does not depend on how many of its samples carry polarity. Written in keras.ops so it
+    runs under every backend (the same formula as TensorFlow's weighted_cross_entropy_with_logits)."""
+    from keras import ops
+
+    def loss(packed, logits):
+        y, w = packed[..., :3], packed[:, 0, 0, 0, 3:]
+        q = ops.convert_to_tensor(pos_weight, dtype=logits.dtype)
+        softplus_neg = ops.log1p(ops.exp(-ops.abs(logits))) + ops.relu(-logits)  # log(1 + exp(-x)), stable
+        ce = (1.0 - y) * logits + (1.0 + (q - 1.0) * y) * softplus_neg
+        return ops.sum(ops.mean(ce, axis=(1, 2, 3)) * w) / ops.sum(w)
+
+    return loss
+
+
 def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: str | Path, *, steps: int = 2000,
           batch_size: int = 4, patch_shape: tuple[int, int, int] = (24, 64, 64), learning_rate: float = 1e-3,
           cleft_pos_weight: float = 8.0, checkpoint_every: int = 250, seed: int = 0, log_every: int = 25,
-          final_lr_fraction: float = 1.0, positive_sampling: str = "voxel") -> Path:
+          final_lr_fraction: float = 1.0, positive_sampling: str = "voxel", max_wall_s: float | None = None) -> Path:
     """Adam on weighted sigmoid cross-entropy; checkpoints (and resumes) in out_dir/checkpoint.
 
     The learning rate follows a cosine from `learning_rate` at step 0 to `final_lr_fraction` of it at `steps`
-    (1.0 = constant); it is a function of the step, so a resumed run continues the same schedule."""
+    (1.0 = constant); it is a function of the step, so a resumed run continues the same schedule. `max_wall_s`
+    stops the run early (checkpoint and exported model as at its last step) so it ends inside a job's time limit;
+    started again, it resumes where it stopped.
+
+    The step is Keras's own (`compile` + `train_on_batch`), so it runs under any Keras 3 backend: TensorFlow by
+    default, or JAX / PyTorch with `KERAS_BACKEND=jax|torch` on a GPU node whose stack has those and no
+    TensorFlow. `backend_step_options()` says which compiler each backend uses."""
     import keras
-    import tensorflow as tf
 
     from pipeline.synapse_model import normalize
 
@@ -138,10 +177,15 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(config)
     optimizer = keras.optimizers.Adam(learning_rate, clipnorm=1.0)
+    model.compile(optimizer=optimizer, loss=weighted_cleft_loss((cleft_pos_weight, 2.0, 2.0)),
+                  **backend_step_options())
     state_file = ckpt_dir / "state.json"
     start_step = 0
     if state_file.exists():
+        # the checkpoint carries Adam's moments too (a compiled model's weights file does); built first so they
+        # load. A checkpoint seeded with a packaged model's weights alone starts Adam afresh (Keras warns).
         start_step = json.loads(state_file.read_text())["step"]
+        optimizer.build(model.trainable_variables)
         model.load_weights(ckpt_dir / "model.weights.h5")
     rng = np.random.default_rng(seed + start_step)
     p_volume = np.array([v.weight for v in volumes], float)
@@ -150,19 +194,6 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
     def lr_at(step: int) -> float:
         cos = 0.5 * (1.0 + np.cos(np.pi * min(step / max(steps, 1), 1.0)))
         return learning_rate * (final_lr_fraction + (1.0 - final_lr_fraction) * cos)
-
-    pos_w = tf.constant([cleft_pos_weight, 2.0, 2.0], tf.float32)
-
-    @tf.function(reduce_retracing=True)
-    def step_fn(x, y, w):
-        with tf.GradientTape() as tape:
-            logits = tf.transpose(model(x, training=True), (0, 4, 1, 2, 3))
-            loss_map = tf.nn.weighted_cross_entropy_with_logits(y, logits, pos_w[None, :, None, None, None])
-            loss = tf.reduce_sum(loss_map * w[:, :, None, None, None]) / (
-                tf.reduce_sum(w) * tf.cast(tf.reduce_prod(tf.shape(y)[2:]), tf.float32))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss, logits
 
     log_path = out_dir / "train_log.csv"
     new_log = not log_path.exists()
@@ -179,17 +210,20 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
             x = np.concatenate([normalize(b[0], config) for b in batch])
             y = np.stack([b[1] for b in batch])
             w = np.stack([b[2] for b in batch])
-            loss, logits = step_fn(tf.constant(x), tf.constant(y), tf.constant(w))
+            loss = model.train_on_batch(x, pack_targets(y, w))
             if (step + 1) % log_every == 0:
-                pred = logits.numpy()[:, 0] > 0
+                pred = np.asarray(model.predict_on_batch(x))[..., 0] > 0  # after this step's update
                 truth = y[:, 0] > 0.5
                 tp = float((pred & truth).sum())
                 writer.writerow([step + 1, float(loss), tp / max(pred.sum(), 1), tp / max(truth.sum(), 1),
                                  round(time.time() - t0, 1)])
                 fh.flush()
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            out_of_time = max_wall_s is not None and time.time() - t0 >= max_wall_s
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps or out_of_time:
                 model.save_weights(ckpt_dir / "model.weights.h5")
                 state_file.write_text(json.dumps({"step": step + 1}))
+            if out_of_time:
+                break
     return save_model(model, config, out_dir / "model")
 
 
@@ -257,7 +291,8 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
     """`connectome train synapses CONFIG` (a JSON/YAML file or its dict): {"out", "steps", "batch_size",
     "patch_shape_zyx", "learning_rate", "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed",
     "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
-    patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring).
+    patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring);
+    "max_wall_s" ends training early (see `train`), counted from the first step, not from volume generation.
     ``max_steps`` / ``output_dir`` override "steps" / "out". Training volumes are made in parallel processes
     (spawned, so no TensorFlow state is forked)."""
     from pipeline.config import read_config_file
@@ -278,7 +313,8 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
                         learning_rate=float(config.get("learning_rate", 1e-3)),
                         final_lr_fraction=float(config.get("final_lr_fraction", 1.0)),
                         seed=int(config.get("seed", 0)),
-                        positive_sampling=str(config.get("positive_sampling", "voxel")))
+                        positive_sampling=str(config.get("positive_sampling", "voxel")),
+                        max_wall_s=float(config["max_wall_s"]) if config.get("max_wall_s") is not None else None)
         if settings["positive_sampling"] not in POSITIVE_SAMPLING:
             raise ConfigError(f"{where}: positive_sampling must be one of {POSITIVE_SAMPLING}, "
                               f"got {settings['positive_sampling']!r}")

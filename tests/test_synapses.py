@@ -3,6 +3,12 @@ training resume, and the packaged detector on held-out synthetic data."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,22 +16,13 @@ import pytest
 from pipeline.stages.synapses import DetectionParams, detect, merge_duplicates, synapse_table
 from pipeline.synapse_metrics import detection_scores, match_synapses, overlap_id_map
 from pipeline.synapse_training import TrainingVolume, isbi_stack, polarity_targets, train
+from synapse_fixtures import tiny_training_set, two_cells
 
 VOXEL = (40.0, 8.0, 8.0)  # zyx nm
 
 
-def _two_cells():
-    """Segment 1 (left) presynaptic, segment 2 (right) postsynaptic, a cleft on their shared face."""
-    seg = np.zeros((5, 20, 20), np.uint64)
-    seg[:, :, :10] = 1
-    seg[:, :, 10:] = 2
-    clefts = np.zeros(seg.shape, np.uint64)
-    clefts[1:4, 8:12, 9:11] = 77
-    return seg, clefts
-
-
 def test_polarity_targets_mark_each_side():
-    seg, clefts = _two_cells()
+    seg, clefts = two_cells()
     cleft, pre, post = polarity_targets(seg, clefts, {77: 1}, {77: 2}, (1.0, 3.0, 3.0))
     assert cleft.sum() == (clefts > 0).sum()
     assert pre.any() and post.any()
@@ -36,7 +33,7 @@ def test_polarity_targets_mark_each_side():
 
 
 def test_partner_assignment_follows_polarity_and_fragments():
-    seg, clefts = _two_cells()
+    seg, clefts = two_cells()
     probs = np.zeros((3,) + seg.shape, np.float32)
     probs[0][clefts > 0] = 0.9
     probs[1][:, 6:14, 6:10] = 0.8   # presynaptic side in segment 1
@@ -141,15 +138,9 @@ def test_detection_scores_one_to_one():
 
 
 def test_model_save_load_and_training_resume(tmp_path):
-    from pipeline.synapse_model import SynapseModelConfig, load_model, predict
+    from pipeline.synapse_model import load_model, predict
 
-    seg, clefts = _two_cells()
-    rng = np.random.default_rng(0)
-    image = rng.integers(100, 200, seg.shape).astype(np.uint8)
-    image[clefts > 0] = 30
-    cleft, pre, post = polarity_targets(seg, clefts, {77: 1}, {77: 2}, (1.0, 3.0, 3.0))
-    vol = TrainingVolume(image, cleft, pre, post)
-    config = SynapseModelConfig(features=4, dilations=(1, 2), z_dilations=(1, 1), z_kernel=(3, 3))
+    image, vol, config = tiny_training_set()
     out = train([vol], config, tmp_path / "t", steps=4, batch_size=2, patch_shape=(5, 16, 16), checkpoint_every=2,
                 log_every=2)
     log = pd.read_csv(tmp_path / "t" / "train_log.csv")
@@ -164,6 +155,52 @@ def test_model_save_load_and_training_resume(tmp_path):
     train([vol], config, tmp_path / "t", steps=6, batch_size=2, patch_shape=(5, 16, 16), checkpoint_every=2,
           log_every=2)
     assert pd.read_csv(tmp_path / "t" / "train_log.csv")["step"].tolist() == [2, 4, 6]
+
+
+def test_training_stops_at_max_wall_s_and_resumes(tmp_path):
+    """A run given a wall-clock budget (a job's time limit) ends early with a checkpoint and an exported model;
+    started again without the budget it continues from there to its last step."""
+    _, vol, config = tiny_training_set()
+    kw = dict(batch_size=2, patch_shape=(5, 16, 16), checkpoint_every=100, log_every=1)
+    out = train([vol], config, tmp_path / "t", steps=50, max_wall_s=0.0, **kw)
+    assert json.loads((tmp_path / "t" / "checkpoint" / "state.json").read_text()) == {"step": 1}
+    assert (out / "model.weights.h5").is_file()
+    train([vol], config, tmp_path / "t", steps=3, **kw)
+    assert pd.read_csv(tmp_path / "t" / "train_log.csv")["step"].tolist() == [1, 2, 3]
+
+
+JAX_TRAINING = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from synapse_fixtures import tiny_training_set
+import keras
+from pipeline.synapse_model import load_model, predict
+from pipeline.synapse_training import train
+image, vol, config = tiny_training_set()
+out = train([vol], config, sys.argv[1], steps=4, batch_size=2, patch_shape=(5, 16, 16), log_every=1)
+model, _ = load_model(out)
+np.save(sys.argv[1] + "/probs.npy", predict(model, config, image))
+print(json.dumps({"backend": keras.backend.backend(), "tensorflow": "tensorflow" in sys.modules}))
+"""
+
+
+def test_training_runs_under_the_jax_backend_without_tensorflow(tmp_path):
+    """GPU nodes whose stack is JAX (or PyTorch) and no TensorFlow train the detector with KERAS_BACKEND=jax; the
+    weights it writes load under TensorFlow and give the same maps."""
+    pytest.importorskip("jax")
+    from pipeline.synapse_model import load_model, predict
+
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", JAX_TRAINING, str(tmp_path / "jax"), str(Path(__file__).parent)],
+                         env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"backend": "jax", "tensorflow": False}
+    log = pd.read_csv(tmp_path / "jax" / "train_log.csv")
+    assert log["step"].tolist() == [1, 2, 3, 4] and np.isfinite(log["loss"]).all()
+    image, _, _ = tiny_training_set()
+    model, config = load_model(tmp_path / "jax" / "model")
+    np.testing.assert_allclose(predict(model, config, image), np.load(tmp_path / "jax" / "probs.npy"), atol=1e-4)
 
 
 def test_synapse_sampling_sees_small_clefts_as_often_as_large():
