@@ -167,11 +167,15 @@ def resolve_model(name_or_path: str | Path) -> Path:
     return resolve_model_dir(name_or_path, MODELS_DIR, CONFIG_FILE, "synapse")
 
 
-def load_model(name_or_path: str | Path):
+def load_config(name_or_path: str | Path) -> SynapseModelConfig:
     directory = resolve_model(name_or_path)
-    config = SynapseModelConfig.from_json_dict(read_config_json(directory, CONFIG_FILE, "synapse"), str(directory))
+    return SynapseModelConfig.from_json_dict(read_config_json(directory, CONFIG_FILE, "synapse"), str(directory))
+
+
+def load_model(name_or_path: str | Path):
+    config = load_config(name_or_path)
     model = build_model(config)
-    model.load_weights(directory / WEIGHTS_FILE)
+    model.load_weights(resolve_model(name_or_path) / WEIGHTS_FILE)
     return model, config
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from pipeline.synapse_model import SynapseModelConfig, build_model, save_model
+from storage.errors import ConfigError
 
 
 @dataclass
@@ -154,16 +155,28 @@ def weighted_cleft_loss(pos_weight: tuple[float, float, float]):
     return loss
 
 
+def check_init_from(init_from: str, config: SynapseModelConfig, where: str = "synapse training") -> None:
+    """A warm start copies weights layer by layer, so the source must be the configured architecture."""
+    from pipeline.synapse_model import load_config
+
+    source = load_config(init_from)
+    if source != config:
+        raise ConfigError(f"{where}: init_from {init_from} is another model ({source}) than the one configured "
+                          f"({config})")
+
+
 def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: str | Path, *, steps: int = 2000,
           batch_size: int = 4, patch_shape: tuple[int, int, int] = (24, 64, 64), learning_rate: float = 1e-3,
           cleft_pos_weight: float = 8.0, checkpoint_every: int = 250, seed: int = 0, log_every: int = 25,
-          final_lr_fraction: float = 1.0, positive_sampling: str = "voxel", max_wall_s: float | None = None) -> Path:
+          final_lr_fraction: float = 1.0, positive_sampling: str = "voxel", max_wall_s: float | None = None,
+          init_from: str | None = None) -> Path:
     """Adam on weighted sigmoid cross-entropy; checkpoints (and resumes) in out_dir/checkpoint.
 
     The learning rate follows a cosine from `learning_rate` at step 0 to `final_lr_fraction` of it at `steps`
     (1.0 = constant); it is a function of the step, so a resumed run continues the same schedule. `max_wall_s`
     stops the run early (checkpoint and exported model as at its last step) so it ends inside a job's time limit;
-    started again, it resumes where it stopped.
+    started again, it resumes where it stopped. `init_from` (a packaged model's name or a model folder of the same
+    architecture) warm-starts a run that has no checkpoint yet; Adam starts afresh.
 
     The step is Keras's own (`compile` + `train_on_batch`), so it runs under any Keras 3 backend: TensorFlow by
     default, or JAX / PyTorch with `KERAS_BACKEND=jax|torch` on a GPU node whose stack has those and no
@@ -187,6 +200,12 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
         start_step = json.loads(state_file.read_text())["step"]
         optimizer.build(model.trainable_variables)
         model.load_weights(ckpt_dir / "model.weights.h5")
+    elif init_from:
+        from pipeline.synapse_model import load_model
+
+        check_init_from(init_from, config)
+        source, _ = load_model(init_from)
+        model.set_weights(source.get_weights())
     rng = np.random.default_rng(seed + start_step)
     p_volume = np.array([v.weight for v in volumes], float)
     p_volume /= p_volume.sum()
@@ -292,11 +311,11 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
     "patch_shape_zyx", "learning_rate", "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed",
     "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
     patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring);
-    "max_wall_s" ends training early (see `train`), counted from the first step, not from volume generation.
+    "max_wall_s" ends training early (see `train`), counted from the first step, not from volume generation;
+    "init_from" warm-starts from a model (see `train`).
     ``max_steps`` / ``output_dir`` override "steps" / "out". Training volumes are made in parallel processes
     (spawned, so no TensorFlow state is forked)."""
     from pipeline.config import read_config_file
-    from storage.errors import ConfigError
 
     if not isinstance(config, dict):
         config = read_config_file(Path(config))
@@ -314,7 +333,8 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
                         final_lr_fraction=float(config.get("final_lr_fraction", 1.0)),
                         seed=int(config.get("seed", 0)),
                         positive_sampling=str(config.get("positive_sampling", "voxel")),
-                        max_wall_s=float(config["max_wall_s"]) if config.get("max_wall_s") is not None else None)
+                        max_wall_s=float(config["max_wall_s"]) if config.get("max_wall_s") is not None else None,
+                        init_from=str(config["init_from"]) if config.get("init_from") else None)
         if settings["positive_sampling"] not in POSITIVE_SAMPLING:
             raise ConfigError(f"{where}: positive_sampling must be one of {POSITIVE_SAMPLING}, "
                               f"got {settings['positive_sampling']!r}")
@@ -336,6 +356,8 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
                 raise ConfigError(f"{where}: data[{i}] weight must be > 0, got {weight}")
             sources.append((make, weight))
         out = Path(config["out"])
+        if settings["init_from"]:
+            check_init_from(settings["init_from"], model_config, where)
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc}") from None
     except (TypeError, ValueError) as exc:

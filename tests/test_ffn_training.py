@@ -230,3 +230,44 @@ def test_cli_train_ffn_and_config_errors(tmp_path, capsys):
     path.write_text(yaml.safe_dump(bad))
     assert main(["train", "ffn", str(path)]) == 2
     assert "missing.h5" in capsys.readouterr().err
+
+
+JAX_TRAINING = """
+import csv, json, sys
+import numpy as np
+from pathlib import Path
+from test_ffn_training import _config, _tiny_volume
+import keras
+from ffn.train import Trainer
+tmp = Path(sys.argv[1])
+h5 = _tiny_volume(tmp / "tiny.h5")
+trainer = Trainer(_config(tmp, h5, max_steps=120, checkpoint_every=60, log_every=20), log=lambda s: None)
+trainer.run()
+resumed = Trainer(_config(tmp, h5, max_steps=130, checkpoint_every=60, log_every=5), log=lambda s: None)
+assert resumed.restore() and resumed.step == 120
+iterations = int(np.asarray(resumed.optimizer.iterations.value))
+resumed.run()
+x = np.random.default_rng(1).normal(size=(1, 9, 9, 9, 2)).astype(np.float32)
+np.save(tmp / "logits.npy", np.asarray(resumed.model.predict_on_batch(x)))
+losses = [float(r["loss"]) for r in csv.DictReader(open(tmp / "run" / "scalars.csv"))]
+print(json.dumps({"backend": keras.backend.backend(), "losses": losses, "iterations_at_resume": iterations, "step": resumed.step}))
+"""
+
+
+def test_training_runs_under_the_jax_backend_without_tensorflow(tmp_path):
+    """On a GPU node whose stack is JAX and has no TensorFlow, KERAS_BACKEND=jax trains, checkpoints and resumes
+    (Adam's state included); the exported model loads under TensorFlow and computes the same logits."""
+    import json
+
+    from backend_fixtures import run_under_jax_without_tensorflow
+    from ffn.model import load_model
+
+    run = run_under_jax_without_tensorflow(JAX_TRAINING, str(tmp_path))
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "jax"
+    assert out["iterations_at_resume"] == 120 and out["step"] == 130
+    losses = out["losses"]
+    assert np.isfinite(losses).all() and losses[5] < 0.7 * losses[0], losses
+    model, _ = load_model(tmp_path / "model")
+    x = np.random.default_rng(1).normal(size=(1, 9, 9, 9, 2)).astype(np.float32)
+    np.testing.assert_allclose(model(x).numpy(), np.load(tmp_path / "logits.npy"), atol=1e-4)

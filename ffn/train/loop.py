@@ -31,6 +31,7 @@ from ffn.train.config import TrainConfig
 from ffn.train.coordinates import BalancedSampler
 from ffn.train.examples import Example, crop_centered, fixed_shifts, patch_size, walk
 from ffn.train.partitions import compute_partitions
+from ffn.train.step import TrainStep
 from ffn.train.volumes import load_training_volume
 from storage.errors import ConnectomeError
 
@@ -38,8 +39,11 @@ CSV_FIELDS = ["step", "loss", "precision", "recall", "f1", "learning_rate", "ela
 
 
 def configure_threads(threads: int | None) -> None:
-    """Limit TF's thread pools (must happen before TF runs its first op; later calls are ignored)."""
-    if not threads:
+    """Limit TF's thread pools (must happen before TF runs its first op; later calls are ignored). Under another
+    Keras backend this does nothing (JAX on a GPU node: XLA sizes its own pools)."""
+    import keras
+
+    if not threads or keras.backend.backend() != "tensorflow":
         return
     import tensorflow as tf
 
@@ -65,7 +69,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
         configure_threads(config.threads)
         import keras
-        import tensorflow as tf
 
         self.config = config
         self.log = log
@@ -113,8 +116,8 @@ class Trainer:
         self._rng = np.random.default_rng(config.random_seed)
         self.shifts = fixed_shifts(fc.deltas, config.fov_moves, np.random.default_rng(config.random_seed))
         self.slots = [_Slot() for _ in range(config.batch_size)]
-        self._train_step = self._make_train_step(tf)
-        devices = [d.device_type for d in tf.config.list_logical_devices()]
+        self._train_step = TrainStep(self.model, self.optimizer)
+        devices = _devices()
         self.log(f"train: model depth {fc.depth}, {fc.features} features, FOV {fc.fov_size[::-1]} (XYZ), "
                  f"{fc.num_params():,} parameters, devices {devices}")
 
@@ -187,25 +190,6 @@ class Trainer:
                 copied.append(layer.name)
         self.log(f"train: initialised {len(copied)} layer(s) from {source}")
 
-    def _make_train_step(self, tf):
-        model, optimizer = self.model, self.optimizer
-
-        @tf.function(jit_compile=False, reduce_retracing=True)
-        def train_step(x, y):
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            pred = logits > 0.0
-            true = y > 0.5
-            tp = tf.reduce_sum(tf.cast(pred & true, tf.float32))
-            fp = tf.reduce_sum(tf.cast(pred & ~true, tf.float32))
-            fn = tf.reduce_sum(tf.cast(~pred & true, tf.float32))
-            return loss, logits, tp, fp, fn
-
-        return train_step
-
     def learning_rate(self) -> float:
         return float(self.optimizer.learning_rate.numpy())  # a variable, or a tensor under a schedule
 
@@ -222,6 +206,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint (atomic: written under a temp name, then renamed) and refresh the export folder."""
+        self._train_step.sync()
         self.checkpoint_root.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_root / f"ckpt-{self.step:09d}"
         tmp = self.checkpoint_root / f"tmp-ckpt-{self.step:09d}"
@@ -248,6 +233,7 @@ class Trainer:
                             "volumes": [str(v.name or v.image) for v in self.config.volumes],
                             "init_from": self.config.init_from}
         cfg = FFNConfig.from_json_dict({**self.ffn_config.to_json_dict(), "metadata": meta})
+        self._train_step.sync()
         return save_model(self.model, cfg, directory)
 
     def restore(self, path: Path | None = None) -> bool:
@@ -260,6 +246,7 @@ class Trainer:
         if saved != self.ffn_config:
             raise ConnectomeError(
                 f"checkpoint {path}: its model config differs from the training config's (start a new output_dir)")
+        self._train_step.sync()  # the step then reads the restored variables at its next call
         self.model.load_weights(str(path / "model.weights.h5"))
         with np.load(path / "optimizer.npz") as z:
             arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
@@ -296,20 +283,18 @@ class Trainer:
         return self.last_scalars
 
     def _loop(self, max_steps: int, writer, fh, t_start: float, base_elapsed: float) -> None:
-        import tensorflow as tf
-
         acc = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "n": 0}
         t_window = time.time()
         while self.step < max_steps:
             x, y = self.next_batch()
-            loss, logits, tp, fp, fn = self._train_step(tf.constant(x), tf.constant(y))
-            self.write_back(logits.numpy())
+            loss, logits, tp, fp, fn = self._train_step(x, y)
+            self.write_back(logits)
             self.step += 1
             self.elapsed_s = base_elapsed + time.time() - t_start
-            acc["loss"] += float(loss)
-            acc["tp"] += float(tp)
-            acc["fp"] += float(fp)
-            acc["fn"] += float(fn)
+            acc["loss"] += loss
+            acc["tp"] += tp
+            acc["fp"] += fp
+            acc["fn"] += fn
             acc["n"] += 1
             if self.step % self.config.log_every == 0 or self.step == max_steps:
                 now = time.time()
@@ -327,6 +312,19 @@ class Trainer:
             if out_of_time:
                 self.log(f"train: stopping after max_wall_s={self.config.max_wall_s} at step {self.step}")
                 break
+
+
+def _devices() -> list[str]:
+    """The backend's devices, for the log line that says where training runs."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return [d.platform.upper() for d in jax.devices()]
+    import tensorflow as tf
+
+    return [d.device_type for d in tf.config.list_logical_devices()]
 
 
 def _scalars(acc: dict, step: int, lr: float, elapsed: float, rate: float) -> dict[str, float]:
