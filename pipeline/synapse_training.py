@@ -305,17 +305,12 @@ def isbi_volume(folder: str | Path, sections: range) -> TrainingVolume:
     return TrainingVolume(raw, cleft, zeros, zeros.copy(), polarity=False, name=f"isbi-{sections.start}-{sections.stop}")
 
 
-def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None = None,
-                      output_dir: str | None = None) -> Path:
-    """`connectome train synapses CONFIG` (a JSON/YAML file or its dict): {"out", "steps", "batch_size",
-    "patch_shape_zyx", "learning_rate", "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed",
-    "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
-    patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring);
-    "max_wall_s" ends training early (see `train`), counted from the first step, not from volume generation;
-    "init_from" warm-starts from a model (see `train`).
-    ``max_steps`` / ``output_dir`` override "steps" / "out". Training volumes are made in parallel processes
-    (spawned, so no TensorFlow state is forked)."""
+def parse_training_config(config: str | os.PathLike | dict, *, max_steps: int | None = None,
+                          output_dir: str | None = None):
+    """Check a synapse training config (see `train_from_config`) without making anything: (model config, `train`
+    keyword settings, [(volume maker, weight)], output folder). Raises ConfigError naming the field."""
     from pipeline.config import read_config_file
+
 
     if not isinstance(config, dict):
         config = read_config_file(Path(config))
@@ -362,6 +357,20 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
         raise ConfigError(f"{where}: missing field {exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: bad value ({exc})") from None
+    return model_config, settings, sources, out
+
+
+def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None = None,
+                      output_dir: str | None = None) -> Path:
+    """`connectome train synapses CONFIG` (a JSON/YAML file or its dict): {"out", "steps", "batch_size",
+    "patch_shape_zyx", "learning_rate", "final_lr_fraction", "model": {...}, "data": [{"synthetic": {"seed",
+    "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
+    patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring);
+    "max_wall_s" ends training early (see `train`), counted from the first step, not from volume generation;
+    "init_from" warm-starts from a model (see `train`).
+    ``max_steps`` / ``output_dir`` override "steps" / "out". Training volumes are made in parallel processes
+    (spawned, so no TensorFlow state is forked)."""
+    model_config, settings, sources, out = parse_training_config(config, max_steps=max_steps, output_dir=output_dir)
     # the slow part, only once the whole config is known to be good. One process per core this job may use (a
     # Slurm/cgroup allocation, not the node), at most 8: each holds a generator's working set of about 1 GB.
     workers = min(len(os.sched_getaffinity(0)), 8, len(sources))

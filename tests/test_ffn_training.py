@@ -271,3 +271,26 @@ def test_training_runs_under_the_jax_backend_without_tensorflow(tmp_path):
     model, _ = load_model(tmp_path / "model")
     x = np.random.default_rng(1).normal(size=(1, 9, 9, 9, 2)).astype(np.float32)
     np.testing.assert_allclose(model(x).numpy(), np.load(tmp_path / "logits.npy"), atol=1e-4)
+
+
+def test_every_example_training_config_parses(monkeypatch, request):
+    """The training recipes under examples/ are documentation users copy: each must load as a valid config
+    (FFN: the whole TrainConfig; synapses: every field and the warm-start model, without making volumes). Recipes
+    that train on ../shared/data's ISBI stack are checked last, and need that folder."""
+    from pathlib import Path
+
+    from ffn.train import load_train_config
+    from pipeline.synapse_training import parse_training_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the recipes name paths from the repository root
+    ffn_recipes = sorted((repo / "examples").glob("train_ffn*.yaml"))
+    synapse_recipes = sorted((repo / "examples").glob("train_synapses*.json"))
+    assert len(ffn_recipes) >= 5 and len(synapse_recipes) >= 4
+    for path in ffn_recipes:
+        assert load_train_config(path).max_steps > 0, path
+    for path in sorted(synapse_recipes, key=lambda p: "isbi" in p.read_text()):
+        if "isbi" in path.read_text():
+            request.getfixturevalue("shared_data")
+        model_config, settings, sources, _ = parse_training_config(path)
+        assert settings["steps"] > 0 and sources, path
