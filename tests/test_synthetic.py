@@ -180,3 +180,11 @@ def test_synth_cli_writes_volumes_and_tables(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "synth", str(tmp_path / "x"), "--voxel-size", "8",
                           "8", "-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "voxel size" in bad.stderr
+    # the same volume as one HDF5 file, made without Dask (GPU training nodes); the FFN trainer reads it as is
+    from ffn.train.volumes import read_array
+    from pipeline.cli import main
+
+    assert main(["synth", str(tmp_path / "v.h5"), "--shape", "16", "64", "128", "--seed", "5"]) == 0
+    assert np.array_equal(read_array(f"{tmp_path / 'v.h5'}:gt"), gt)
+    assert np.array_equal(read_array(f"{tmp_path / 'v.h5'}:raw"), expect.volumes["raw"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("v.h5")) == ["v.h5"]
