@@ -241,16 +241,20 @@ import keras
 from ffn.train import Trainer
 tmp = Path(sys.argv[1])
 h5 = _tiny_volume(tmp / "tiny.h5")
-trainer = Trainer(_config(tmp, h5, max_steps=120, checkpoint_every=60, log_every=20), log=lambda s: None)
+adam = {"name": "adam", "learning_rate": 0.003, "decay_steps": 50, "decay_rate": 0.5}
+trainer = Trainer(_config(tmp, h5, max_steps=120, checkpoint_every=60, log_every=20, optimizer=adam),
+                  log=lambda s: None)
 trainer.run()
-resumed = Trainer(_config(tmp, h5, max_steps=130, checkpoint_every=60, log_every=5), log=lambda s: None)
+resumed = Trainer(_config(tmp, h5, max_steps=130, checkpoint_every=60, log_every=5, optimizer=adam),
+                  log=lambda s: None)
 assert resumed.restore() and resumed.step == 120
 iterations = int(np.asarray(resumed.optimizer.iterations.value))
 resumed.run()
 x = np.random.default_rng(1).normal(size=(1, 9, 9, 9, 2)).astype(np.float32)
 np.save(tmp / "logits.npy", np.asarray(resumed.model.predict_on_batch(x)))
-losses = [float(r["loss"]) for r in csv.DictReader(open(tmp / "run" / "scalars.csv"))]
-print(json.dumps({"backend": keras.backend.backend(), "losses": losses, "iterations_at_resume": iterations, "step": resumed.step}))
+rows = list(csv.DictReader(open(tmp / "run" / "scalars.csv")))
+losses = [float(r["loss"]) for r in rows]
+print(json.dumps({"backend": keras.backend.backend(), "losses": losses, "lr_120": float(rows[5]["learning_rate"]), "iterations_at_resume": iterations, "step": resumed.step}))
 """
 
 
@@ -268,6 +272,7 @@ def test_training_runs_under_the_jax_backend_without_tensorflow(tmp_path):
     assert out["iterations_at_resume"] == 120 and out["step"] == 130
     losses = out["losses"]
     assert np.isfinite(losses).all() and losses[5] < 0.7 * losses[0], losses
+    assert out["lr_120"] == pytest.approx(0.003 * 0.5 ** (120 / 50), rel=1e-4)  # the schedule saw every step
     model, _ = load_model(tmp_path / "model")
     x = np.random.default_rng(1).normal(size=(1, 9, 9, 9, 2)).astype(np.float32)
     np.testing.assert_allclose(model(x).numpy(), np.load(tmp_path / "logits.npy"), atol=1e-4)

@@ -191,7 +191,10 @@ class Trainer:
         self.log(f"train: initialised {len(copied)} layer(s) from {source}")
 
     def learning_rate(self) -> float:
-        return float(self.optimizer.learning_rate.numpy())  # a variable, or a tensor under a schedule
+        from keras import ops
+
+        self._train_step.sync()  # under a schedule the rate follows the optimizer's step counter
+        return float(ops.convert_to_numpy(self.optimizer.learning_rate))  # a variable, or a tensor under a schedule
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     @property
