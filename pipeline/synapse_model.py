@@ -168,15 +168,19 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path) -> SynapseModelConfig:
-    directory = resolve_model(name_or_path)
-    return SynapseModelConfig.from_json_dict(read_config_json(directory, CONFIG_FILE, "synapse"), str(directory))
+    return _read_config(resolve_model(name_or_path))
 
 
 def load_model(name_or_path: str | Path):
-    config = load_config(name_or_path)
+    directory = resolve_model(name_or_path)
+    config = _read_config(directory)
     model = build_model(config)
-    model.load_weights(resolve_model(name_or_path) / WEIGHTS_FILE)
+    model.load_weights(directory / WEIGHTS_FILE)
     return model, config
+
+
+def _read_config(directory: Path) -> SynapseModelConfig:
+    return SynapseModelConfig.from_json_dict(read_config_json(directory, CONFIG_FILE, "synapse"), str(directory))
 
 
 FLIP_AVERAGES = (1, 4, 8, 16)

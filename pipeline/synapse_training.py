@@ -312,7 +312,6 @@ def parse_training_config(config: str | os.PathLike | dict, *, max_steps: int | 
     keyword settings, [(volume maker, weight)], output folder). Raises ConfigError naming the field."""
     from pipeline.config import read_config_file
 
-
     if not isinstance(config, dict):
         config = read_config_file(Path(config))
         if not isinstance(config, dict):

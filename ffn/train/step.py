@@ -25,15 +25,15 @@ class TrainStep:
     def __init__(self, model, optimizer):
         import keras
 
-        self.backend = keras.backend.backend()
-        if self.backend == "tensorflow":
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
             self._step, self.sync = _tensorflow_step(model, optimizer), (lambda: None)
-        elif self.backend == "jax":
+        elif backend == "jax":
             self._step, self.sync = _jax_step(model, optimizer)
         else:
             from storage.errors import ConfigError
 
-            raise ConfigError(f"FFN training: Keras backend {self.backend!r} is not supported (tensorflow or jax)")
+            raise ConfigError(f"FFN training: Keras backend {backend!r} is not supported (tensorflow or jax)")
 
     def __call__(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         return self._step(x, y)

@@ -15,7 +15,8 @@ HELP = "generate synthetic EM neuropil with ground truth (raw, gt, compartments,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", metavar="DST", help="output directory (DST/raw, DST/gt, ... as zarr3; tables as "
-                        "parquet), or a file.h5 (raw, gt, compartments, clefts datasets; made without Dask)")
+                        "parquet), or a file.h5 (raw, gt, compartments, clefts datasets; made in this process without Dask, so "
+                        "--workers, --address, --block-shape and --restart do not apply)")
     parser.add_argument("--shape", nargs=3, type=int, default=(128, 256, 256), metavar=("Z", "Y", "X"),
                         help="volume shape in voxels, Z Y X (default 128 256 256)")
     parser.add_argument("--voxel-size", nargs=3, type=float, default=(8.0, 8.0, 40.0), metavar=("X", "Y", "Z"),
