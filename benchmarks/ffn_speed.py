@@ -38,6 +38,9 @@ def parse_args(argv=None):
                    help="packaged name or folder; random small model if absent")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-fib25", action="store_true")
+    p.add_argument("--fib25-model", default=None,
+                   help="an imported FIB-25 model folder (`connectome import-ffn`); default: import the checkpoint "
+                        "now, which needs TensorFlow (a JAX-only GPU node is given the folder instead)")
     return p.parse_args(argv)
 
 
@@ -55,20 +58,35 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def tf_matmul_gflops(precision: str, n: int = 4096, reps: int = 3) -> float:
-    """The same-precision peak the model call can hope for: a TensorFlow (oneDNN) matmul in ``precision``.
-    numpy's OpenBLAS float32 matmul (the issue's yardstick) sits well below it on this CPU (~250 vs ~480 GFLOP/s
-    float32; bfloat16 ~840), so model_vs_matmul alone flatters the model."""
-    import tensorflow as tf
+def backend_matmul_gflops(precision: str, n: int = 4096, reps: int = 3) -> float:
+    """The same-precision peak the model call can hope for: the Keras backend's own matmul in ``precision``
+    (TensorFlow: oneDNN on CPU; JAX: XLA, at full float32 precision like the forward pass, so on a GPU without
+    TF32). numpy's OpenBLAS float32 matmul (the issue's yardstick) sits well below it on this CPU (~250 vs ~480
+    GFLOP/s float32; bfloat16 ~840), so model_vs_matmul alone flatters the model."""
+    import keras
 
-    dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
-    a = tf.cast(tf.random.stateless_normal((n, n), (0, 1)), dtype)
-    b = tf.cast(tf.random.stateless_normal((n, n), (1, 2)), dtype)
-    tf.matmul(a, b).numpy()
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+        hi = jax.lax.Precision.DEFAULT if precision == "bfloat16" else jax.lax.Precision.HIGHEST
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
+        b = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(dtype)
+        mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=hi))
+        run = lambda: mm(a, b).block_until_ready()  # noqa: E731
+    else:
+        import tensorflow as tf
+
+        dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+        a = tf.cast(tf.random.stateless_normal((n, n), (0, 1)), dtype)
+        b = tf.cast(tf.random.stateless_normal((n, n), (1, 2)), dtype)
+        run = lambda: tf.matmul(a, b).numpy()  # noqa: E731
+    run()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        tf.matmul(a, b).numpy()
+        run()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -141,7 +159,7 @@ def run_one(image, keras_model, config, precision: str, batch: int) -> dict:
     labels, stats = segment_volume(image, fwd, config, batch_size=batch, pad_faces=False)
     wall = time.perf_counter() - t
     matmul = (mm_before + matmul_gflops(reps=3)) / 2
-    same_precision = tf_matmul_gflops(precision)
+    same_precision = backend_matmul_gflops(precision)
     model_gflops = config.flops_per_step() * fwd.fovs / max(fwd.seconds, 1e-9) / 1e9
     steps = max(stats["steps"], 1)
     return {
@@ -151,8 +169,8 @@ def run_one(image, keras_model, config, precision: str, batch: int) -> dict:
         "voxels_per_s": round(image.size / wall, 1),
         "model_gflop_per_s": round(model_gflops, 1), "matmul_gflop_per_s": round(matmul, 1),
         "model_vs_matmul": round(model_gflops / matmul, 3),
-        "tf_matmul_gflop_per_s": round(same_precision, 1),
-        "model_vs_tf_matmul": round(model_gflops / same_precision, 3),
+        "backend_matmul_gflop_per_s": round(same_precision, 1),
+        "model_vs_backend_matmul": round(model_gflops / same_precision, 3),
         "model_calls": fwd.calls, "labels": labels,
     }
 
@@ -171,22 +189,22 @@ def sweep(name, image, gt, keras_model, config, precisions, batches, log) -> lis
         log(f"{name:6s} {r['precision']:8s} batch {r['batch']:2d}: {r['steps']:6d} steps {r['segments']:4d} segs "
             f"{r['seconds']:8.1f} s  {r['ms_per_step']:7.2f} ms/step (model {r['model_ms_per_step']:6.2f})  "
             f"{r['voxels_per_s']:9.1f} vx/s  {r['model_gflop_per_s']:6.1f} GFLOP/s "
-            f"(matmul {r['matmul_gflop_per_s']:6.1f}, TF {r['precision']} matmul {r['tf_matmul_gflop_per_s']:6.1f})  "
+            f"(matmul {r['matmul_gflop_per_s']:6.1f}, backend {r['precision']} matmul {r['backend_matmul_gflop_per_s']:6.1f})  "
             f"ARAND vs fp32-b1 {r['arand_vs_fp32_b1']}" + (f"  vs GT {r.get('arand_vs_gt')}" if gt is not None else ""))
     return rows
 
 
 def summary(rows) -> dict:
-    best = max(rows, key=lambda r: r["voxels_per_s"])
+    best = max(rows, key=lambda r: (r["steps"] > 0, r["voxels_per_s"]))  # a run that took no step timed nothing
     keys = ("voxels_per_s", "ms_per_step", "steps", "model_gflop_per_s", "matmul_gflop_per_s", "model_vs_matmul",
-            "tf_matmul_gflop_per_s", "model_vs_tf_matmul", "precision", "batch", "segments", "arand_vs_fp32_b1",
+            "backend_matmul_gflop_per_s", "model_vs_backend_matmul", "precision", "batch", "segments", "arand_vs_fp32_b1",
             "arand_vs_gt")
     return {k: best[k] for k in keys if k in best}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ffn.executor import configure_threads
+    from ffn.executor import backend_devices, configure_threads
 
     configure_threads(args.threads, 1)
     import numpy as np
@@ -205,11 +223,14 @@ def main(argv=None) -> int:
     precisions = [p for p in args.precisions.split(",") if p]
     result: dict = {}
 
-    if not args.skip_fib25 and Path(str(CKPT) + ".index").is_file():
-        from ffn.checkpoint_import import import_checkpoint
+    if not args.skip_fib25 and (args.fib25_model or Path(str(CKPT) + ".index").is_file()):
+        if args.fib25_model:
+            fib_model, fib_cfg = load_model(args.fib25_model)
+        else:
+            from ffn.checkpoint_import import import_checkpoint
 
-        with tempfile.TemporaryDirectory() as tmp:
-            fib_model, fib_cfg = load_model(import_checkpoint(CKPT, Path(tmp) / "fib25"))
+            with tempfile.TemporaryDirectory() as tmp:
+                fib_model, fib_cfg = load_model(import_checkpoint(CKPT, Path(tmp) / "fib25"))
         log(f"FIB-25 model: {fib_cfg.num_params():,} params, {fib_cfg.flops_per_step() / 1e9:.1f} GFLOP/step")
         rows = sweep("fib25", image, gt if kind == "medulla" else None, fib_model, fib_cfg, precisions,
                      [int(b) for b in args.fib25_batches.split(",")], log)
@@ -232,7 +253,10 @@ def main(argv=None) -> int:
     result["small_model"] = summary(rows)
     result["small_model"]["note"] = small_note
     result["small_model"]["runs"] = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
+    import keras
+
     result.update(volume=kind, size=args.size, threads=args.threads, matmul_gflop_per_s_at_start=round(matmul, 1),
+                  backend=keras.backend.backend(), devices=backend_devices(),
                   reference_cpu={"ms_per_step": 105.7, "voxels_per_s": 6894, "volume": "synthetic 160^3"})
     print(json.dumps(result, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
     return 0

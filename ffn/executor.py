@@ -2,8 +2,8 @@
 
 Why: on an accelerator one FFN step is far too small to fill the device, and canvases (blocks, or parallel
 floods in one block) are independent between steps, so stacking their FOVs is what makes a GPU pay off. On a
-CPU batching gains little; there the speed comes from the forward pass itself (``Forward``: plain ``tf.nn``
-convolutions in one ``tf.function`` per batch size, no XLA, optional bfloat16).
+CPU batching gains little; there the speed comes from the forward pass itself (``Forward``: plain backend
+convolutions compiled once per batch size, optional bfloat16).
 
 Determinism: canvases are polled and their floods served in a fixed order, and a canvas's result depends only
 on its own floods' logits, so the labels do not depend on how canvases are grouped into batches.
@@ -26,7 +26,12 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def configure_threads(intra: int | None = None, inter: int | None = 1) -> None:
-    """Set TF's thread pools if TF has not started them yet (it ignores changes afterwards)."""
+    """Size TensorFlow's thread pools if TF has not started them yet (it ignores changes afterwards). Under
+    another Keras backend this does nothing: JAX (a GPU node without TensorFlow) sizes its own pools."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
     import tensorflow as tf
 
     try:
@@ -38,60 +43,50 @@ def configure_threads(intra: int | None = None, inter: int | None = 1) -> None:
         pass  # already initialised: keep what is there
 
 
-class Forward:
-    """The convstack_3d forward pass from a Keras model's weights, as ``tf.nn`` ops.
+def backend_devices() -> list[str]:
+    """The Keras backend's device kinds (e.g. ["CPU", "GPU"]), for the log lines that say where a run went."""
+    import keras
 
-    Same arithmetic as the Keras model (the test checks they agree), without Keras's per-call overhead, with
-    a traced function per batch size (fixed input signature, ``jit_compile=False``). ``precision="bfloat16"``
-    runs the convolutions in bf16 (oneDNN AVX512-BF16 / GPU tensor cores), accumulating the residual stream
-    in bf16 as Keras mixed precision would; the seed addition stays float32.
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return sorted({d.platform.upper() for d in jax.devices()})
+    import tensorflow as tf
+
+    return sorted({d.device_type for d in tf.config.list_logical_devices()})
+
+
+class Forward:
+    """The convstack_3d forward pass from a Keras model's weights, as plain backend ops.
+
+    Same arithmetic as the Keras model (the tests check they agree), without Keras's per-call overhead, one
+    compiled function per batch size. The Keras backend decides which: under TensorFlow, ``tf.nn`` convolutions
+    in a ``tf.function`` (fixed input signature, ``jit_compile=False``: XLA is much slower on CPU); under JAX
+    (GPU nodes that have no TensorFlow), ``lax`` convolutions in ``jax.jit`` at full float32 precision (no TF32),
+    so the logits match the reference checkpoint there too. ``precision="bfloat16"`` runs the convolutions in
+    bf16 (oneDNN AVX512-BF16 / GPU tensor cores), accumulating the residual stream in bf16 as Keras mixed
+    precision would; the seed addition stays float32.
     """
 
     def __init__(self, model, config: FFNConfig, precision: str = "float32"):
-        import tensorflow as tf
+        import keras
 
         if precision not in PRECISIONS:
             raise ConfigError(f"FFN precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.config = config
         self.precision = precision
-        dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
-        self._tf = tf
-        self._dtype = dtype
-        self._w = {name: (tf.constant(k, dtype), tf.constant(b, dtype))
-                   for name, (k, b) in get_conv_weights(model).items()}
-        self._fns: dict[int, Callable] = {}
+        self.backend = keras.backend.backend()
+        if self.backend not in ("tensorflow", "jax"):
+            raise ConfigError(f"FFN inference: Keras backend {self.backend!r} is not supported (tensorflow or jax)")
+        self._weights = get_conv_weights(model)
+        self._fns: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
         self.calls = 0
         self.fovs = 0
         self.seconds = 0.0
 
-    def _build(self, n: int):
-        tf, w, depth, dtype = self._tf, self._w, self.config.depth, self._dtype
-
-        def conv(x, name, relu):
-            k, b = w[name]
-            y = tf.nn.bias_add(tf.nn.conv3d(x, k, strides=[1, 1, 1, 1, 1], padding="SAME"), b)
-            return tf.nn.relu(y) if relu else y
-
-        spec = tf.TensorSpec((n, *self.config.fov_size, 2), tf.float32)
-
-        def residual_relu(x):
-            # max(x, 0), not tf.nn.relu: the residual sum feeds both this ReLU and the next skip connection, and
-            # Grappler's remapper (oneDNN) tried to fuse conv + bias + add + relu into one op anyway, failing with a
-            # "remapper failed" error line per graph; with Maximum it fuses conv + bias + add only. Same values,
-            # bit for bit, and no slower.
-            return tf.maximum(x, tf.zeros((), x.dtype))
-
-        @tf.function(input_signature=[spec], jit_compile=False, reduce_retracing=False)
-        def fn(inp):
-            x = tf.cast(inp, dtype)
-            x = conv(conv(x, "conv0_a", True), "conv0_b", False)
-            for i in range(1, depth):
-                y = conv(conv(residual_relu(x), f"conv{i}_a", True), f"conv{i}_b", False)
-                x = x + y
-            update = conv(residual_relu(x), "conv_lom", False)
-            return inp[..., 1] + tf.cast(update[..., 0], tf.float32)
-
-        return fn
+    def _build(self, n: int) -> Callable[[np.ndarray], np.ndarray]:
+        build = _tensorflow_forward if self.backend == "tensorflow" else _jax_forward
+        return build(self._weights, self.config.depth, (n, *self.config.fov_size, 2), self.precision)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n = int(x.shape[0])
@@ -99,11 +94,78 @@ class Forward:
         if fn is None:
             fn = self._fns[n] = self._build(n)
         t = time.perf_counter()
-        y = fn(x).numpy()
+        y = fn(x)
         self.seconds += time.perf_counter() - t
         self.calls += 1
         self.fovs += n
         return y
+
+
+Weights = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _tensorflow_forward(weights: Weights, depth: int, shape: tuple[int, ...], precision: str
+                        ) -> Callable[[np.ndarray], np.ndarray]:
+    import tensorflow as tf
+
+    dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    w = {name: (tf.constant(k, dtype), tf.constant(b, dtype)) for name, (k, b) in weights.items()}
+
+    def conv(x, name, relu):
+        k, b = w[name]
+        y = tf.nn.bias_add(tf.nn.conv3d(x, k, strides=[1, 1, 1, 1, 1], padding="SAME"), b)
+        return tf.nn.relu(y) if relu else y
+
+    def residual_relu(x):
+        # max(x, 0), not tf.nn.relu: the residual sum feeds both this ReLU and the next skip connection, and
+        # Grappler's remapper (oneDNN) tried to fuse conv + bias + add + relu into one op anyway, failing with a
+        # "remapper failed" error line per graph; with Maximum it fuses conv + bias + add only. Same values,
+        # bit for bit, and no slower.
+        return tf.maximum(x, tf.zeros((), x.dtype))
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)], jit_compile=False, reduce_retracing=False)
+    def fn(inp):
+        x = tf.cast(inp, dtype)
+        x = conv(conv(x, "conv0_a", True), "conv0_b", False)
+        for i in range(1, depth):
+            x = x + conv(conv(residual_relu(x), f"conv{i}_a", True), f"conv{i}_b", False)
+        update = conv(residual_relu(x), "conv_lom", False)
+        return inp[..., 1] + tf.cast(update[..., 0], tf.float32)
+
+    return lambda x: fn(x).numpy()
+
+
+def _jax_forward(weights: Weights, depth: int, shape: tuple[int, ...], precision: str
+                 ) -> Callable[[np.ndarray], np.ndarray]:
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+    # float32 means float32: XLA on recent GPUs would otherwise run the convolutions in TF32 (10-bit mantissa)
+    conv_precision = jax.lax.Precision.DEFAULT if precision == "bfloat16" else jax.lax.Precision.HIGHEST
+    w = {name: (jnp.asarray(k, dtype), jnp.asarray(b, dtype)) for name, (k, b) in weights.items()}
+
+    def conv(x, name, relu):
+        k, b = w[name]  # Keras Conv3D kernels are (kz, ky, kx, in, out): DHWIO
+        y = jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                         precision=conv_precision) + b
+        return jnp.maximum(y, 0) if relu else y
+
+    @jax.jit
+    def fn(inp):
+        x = inp.astype(dtype)
+        x = conv(conv(x, "conv0_a", True), "conv0_b", False)
+        for i in range(1, depth):
+            x = x + conv(conv(jnp.maximum(x, 0), f"conv{i}_a", True), f"conv{i}_b", False)
+        update = conv(jnp.maximum(x, 0), "conv_lom", False)
+        return inp[..., 1] + update[..., 0].astype(jnp.float32)
+
+    def call(x: np.ndarray) -> np.ndarray:
+        if x.shape != shape:
+            raise ConfigError(f"FFN forward pass built for input {shape}, got {x.shape}")
+        return np.asarray(fn(x))
+
+    return call
 
 
 def run_canvases(canvases: Sequence[Canvas], forward: ForwardFn, batch_size: int = 1,

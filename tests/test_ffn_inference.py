@@ -106,6 +106,45 @@ def test_forward_graph_optimises_without_a_remapper_error(capfd):
     assert "remapper failed" not in capfd.readouterr().err
 
 
+JAX_INFERENCE = """
+import sys
+import numpy as np
+import keras
+from ffn.executor import Forward
+from ffn.inference import segment_volume
+from ffn.model import FFNConfig, build_model
+out = sys.argv[1]
+cfg = FFNConfig(depth=3, features=8, fov_size=(9, 9, 9), deltas=(2, 2, 2))
+model = build_model(cfg)
+x = np.random.default_rng(0).normal(size=(3, 9, 9, 9, 2)).astype(np.float32)
+want = np.asarray(model(x))[..., 0]
+f32, bf16 = Forward(model, cfg)(x), Forward(model, cfg, "bfloat16")(x)
+labels, stats = segment_volume(np.load(out + "/raw.npy"), "synthetic_small")
+np.save(out + "/labels.npy", labels)
+assert "tensorflow" not in sys.modules
+print(keras.backend.backend(), float(np.abs(f32 - want).max()), float(np.abs(bf16 - want).max()), stats["steps"])
+"""
+
+
+def test_inference_runs_under_jax_without_tensorflow_and_segments_identically(tmp_path):
+    """GPU nodes whose stack is JAX (no TensorFlow): the forward pass is built from lax convolutions, agrees with
+    the Keras model, and whole-volume inference gives the same labels as under TensorFlow, voxel for voxel (the
+    convolutions run at full float32 precision, so no flood decision flips)."""
+    from backend_fixtures import run_under_jax_without_tensorflow
+    from pipeline.synthetic import SynthParams, generate_box
+
+    shape = (16, 48, 48)
+    raw = generate_box(SynthParams(seed=77, shape_zyx=shape), ((0, 0, 0), shape))["raw"]
+    np.save(tmp_path / "raw.npy", raw)
+    want, stats = segment_volume(raw, "synthetic_small")
+    assert stats["segments"] >= 2
+    run = run_under_jax_without_tensorflow(JAX_INFERENCE, str(tmp_path))
+    backend, f32_err, bf16_err, steps = run.stdout.split()
+    assert backend == "jax" and float(f32_err) <= 1e-5 and float(bf16_err) <= 0.1
+    assert int(steps) == stats["steps"]
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), want)
+
+
 # ---- seeds and movement -------------------------------------------------------------------------------------
 
 def test_peaks_lie_inside_objects_not_on_membranes():

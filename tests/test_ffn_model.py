@@ -99,6 +99,29 @@ def test_import_fib25_checkpoint_reproduces_reference_logits(shared_data, tmp_pa
     assert np.abs(ref["logits"][1] - ref["seed"][1]).max() > 0.5
 
 
+JAX_REFERENCE = """
+import sys
+import numpy as np
+from ffn.executor import Forward
+from ffn.model import load_model
+model, config = load_model(sys.argv[1])
+ref = np.load(sys.argv[2])
+x = np.concatenate([config.normalize(ref["raw_uint8"])[..., None], ref["seed"]], axis=-1).astype(np.float32)
+print(float(np.abs(Forward(model, config)(x) - ref["logits"][..., 0]).max()))
+"""
+
+
+def test_jax_forward_reproduces_reference_logits(shared_data, tmp_path):
+    """The JAX forward pass (GPU nodes without TensorFlow) on the imported FIB-25 model: google/ffn's logits."""
+    from backend_fixtures import run_under_jax_without_tensorflow
+    from ffn.checkpoint_import import import_checkpoint
+
+    out = import_checkpoint(shared_data / CKPT, tmp_path / "fib25")
+    ref = shared_data / "ffn_fib25_checkpoint" / "reference_io.npz"
+    run = run_under_jax_without_tensorflow(JAX_REFERENCE, str(out), str(ref))
+    assert float(run.stdout.split()[-1]) <= 1e-3
+
+
 def test_import_ffn_cli(shared_data, tmp_path, capsys):
     from pipeline.cli import main
 

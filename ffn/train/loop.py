@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from ffn.executor import backend_devices, configure_threads
 from ffn.model import FFNConfig, build_model, save_model
 from ffn.train.augment import augment_patch
 from ffn.train.config import TrainConfig
@@ -36,22 +37,6 @@ from ffn.train.volumes import load_training_volume
 from storage.errors import ConnectomeError
 
 CSV_FIELDS = ["step", "loss", "precision", "recall", "f1", "learning_rate", "elapsed_s", "steps_per_s"]
-
-
-def configure_threads(threads: int | None) -> None:
-    """Limit TF's thread pools (must happen before TF runs its first op; later calls are ignored). Under another
-    Keras backend this does nothing (JAX on a GPU node: XLA sizes its own pools)."""
-    import keras
-
-    if not threads or keras.backend.backend() != "tensorflow":
-        return
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-        tf.config.threading.set_inter_op_parallelism_threads(int(threads))
-    except RuntimeError:
-        pass  # runtime already initialised (e.g. inside a test session): keep its setting
 
 
 class _Slot:
@@ -67,7 +52,7 @@ class Trainer:
     """Owns data, model, optimizer and counters of one training run; ``run()`` trains, ``save()`` checkpoints."""
 
     def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
-        configure_threads(config.threads)
+        configure_threads(config.threads, config.threads)  # TF only: a JAX GPU node sizes its own pools
         import keras
 
         self.config = config
@@ -117,7 +102,7 @@ class Trainer:
         self.shifts = fixed_shifts(fc.deltas, config.fov_moves, np.random.default_rng(config.random_seed))
         self.slots = [_Slot() for _ in range(config.batch_size)]
         self._train_step = TrainStep(self.model, self.optimizer)
-        devices = _devices()
+        devices = backend_devices()
         self.log(f"train: model depth {fc.depth}, {fc.features} features, FOV {fc.fov_size[::-1]} (XYZ), "
                  f"{fc.num_params():,} parameters, devices {devices}")
 
@@ -315,19 +300,6 @@ class Trainer:
             if out_of_time:
                 self.log(f"train: stopping after max_wall_s={self.config.max_wall_s} at step {self.step}")
                 break
-
-
-def _devices() -> list[str]:
-    """The backend's devices, for the log line that says where training runs."""
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return [d.platform.upper() for d in jax.devices()]
-    import tensorflow as tf
-
-    return [d.device_type for d in tf.config.list_logical_devices()]
 
 
 def _scalars(acc: dict, step: int, lr: float, elapsed: float, rate: float) -> dict[str, float]:
