@@ -62,6 +62,9 @@ class FFNConfig:
     # "face_max" (the reference: one move per FOV face) or "face_components" (one per above-threshold region of a
     # face, so forks are followed; see ffn.movement)
     movement: str = "face_max"
+    # the model sees the volume downsampled by these factors (ZYX; see ffn.scale); FOV, deltas, min_segment_size
+    # and min_boundary_dist are in the model's voxels
+    scale: Triple = (1, 1, 1)
     # free-form provenance: training command, steps, wall time, scores, source checkpoint ...
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -69,14 +72,17 @@ class FFNConfig:
         object.__setattr__(self, "fov_size", tuple(int(v) for v in self.fov_size))
         object.__setattr__(self, "deltas", tuple(int(v) for v in self.deltas))
         object.__setattr__(self, "min_boundary_dist", tuple(int(v) for v in self.min_boundary_dist))
+        object.__setattr__(self, "scale", tuple(int(v) for v in self.scale))
         if self.depth < 1:
             raise ConfigError(f"FFN config: depth must be >= 1, got {self.depth}")
         if self.features < 1:
             raise ConfigError(f"FFN config: features must be >= 1, got {self.features}")
-        for name in ("fov_size", "deltas", "min_boundary_dist"):
+        for name in ("fov_size", "deltas", "min_boundary_dist", "scale"):
             value = getattr(self, name)
             if len(value) != 3:
                 raise ConfigError(f"FFN config: {name} needs 3 values, got {list(value)}")
+        if min(self.scale) < 1:
+            raise ConfigError(f"FFN config: scale factors must be integers >= 1 (ZYX), got {list(self.scale)}")
         if any(v < 1 or v % 2 == 0 for v in self.fov_size):
             raise ConfigError(f"FFN config: fov_size must be odd and positive (ZYX), got {list(self.fov_size)}")
         if any(d < 0 or d > f // 2 for d, f in zip(self.deltas, self.fov_size)):
@@ -96,7 +102,7 @@ class FFNConfig:
     # ---- JSON (XYZ for people) -------------------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("fov_size", "deltas", "min_boundary_dist"):
+        for name in ("fov_size", "deltas", "min_boundary_dist", "scale"):
             d[f"{name}_xyz"] = list(d.pop(name))[::-1]
         d["architecture"] = "convstack_3d"
         return d
@@ -107,7 +113,7 @@ class FFNConfig:
         arch = d.pop("architecture", "convstack_3d")
         if arch != "convstack_3d":
             raise ConfigError(f"{where}: architecture {arch!r} is not supported (only 'convstack_3d')")
-        for name in ("fov_size", "deltas", "min_boundary_dist"):
+        for name in ("fov_size", "deltas", "min_boundary_dist", "scale"):
             if f"{name}_xyz" in d:
                 d[name] = tuple(d.pop(f"{name}_xyz"))[::-1]
         known = {f.name for f in dataclasses.fields(cls)}

@@ -208,6 +208,48 @@ def test_tubes_cut_by_membrane_give_four_segments(grow):
     assert set(stats["origins"]) == {1, 2, 3, 4}
 
 
+def test_downsampling_helpers_round_trip_odd_shapes():
+    from ffn.scale import downsample_image, downsample_labels, upsample_labels
+
+    img = np.arange(3 * 5 * 7, dtype=np.uint8).reshape(3, 5, 7)
+    small = downsample_image(img, (1, 2, 2))
+    assert small.shape == (3, 3, 4) and small.dtype == np.float32
+    assert small[0, 0, 0] == img[0, :2, :2].mean()
+    assert small[0, 2, 3] == img[0, 4, 6]  # edge-padded cell: the border voxel itself
+    lab = downsample_labels(img, (1, 2, 2))
+    assert lab.shape == (3, 3, 4) and lab[1, 1, 1] == img[1, 2, 2]
+    back = upsample_labels(lab, (1, 2, 2), img.shape)
+    assert back.shape == img.shape and back[1, 3, 3] == img[1, 2, 2]
+    assert downsample_image(img, (1, 1, 1)) is img
+
+
+def test_a_model_with_a_scale_segments_downsampled_and_answers_at_full_size(grow):
+    """The same hand-set model declared at XY scale 2 floods the 2x-downsampled tubes: each piece is still one
+    segment, labels come back at the volume's shape, and fixed block seeds map to the model's voxels."""
+    import dataclasses
+
+    from pipeline.stages.segment import BlockSeeds
+
+    forward, cfg, _ = grow
+    cfg2 = dataclasses.replace(cfg, scale=(1, 2, 2))
+    img = np.repeat(np.repeat(tubes(cut=True), 2, 1), 2, 2)  # the tubes at twice the XY resolution
+    labels, stats = segment_volume(img, forward, cfg2, seed_policy="peaks")
+    assert labels.shape == img.shape and stats["segments"] == 4
+    assert not labels[img == DARK].any()
+    for piece in pieces(img):
+        ids, counts = np.unique(labels[piece], return_counts=True)
+        assert (ids > 0).sum() == 1 and counts[ids > 0].max() >= 0.9 * piece.sum()
+    coarse, _ = segment_volume(tubes(cut=True), forward, cfg, seed_policy="peaks")
+    assert same_partition(labels[:, ::2, ::2], coarse)  # exactly the run on the coarse volume
+    assert all(o[1] % 2 == 0 and o[2] % 2 == 0 for o, _n in stats["origins"].values())  # volume voxels
+
+    class Canvas2:
+        offset, config = (1, 4, 4), cfg2
+    assert list(BlockSeeds(((2, 10, 11), (2, 11, 10), (3, 0, 1)))(Canvas2())) == [(3, 9, 9), (4, 4, 4)]
+    with pytest.raises(ConfigError, match="scale"):
+        dataclasses.replace(cfg, scale=(1, 0, 2))
+
+
 def test_restrictor_mask_bounds_the_fill(grow):
     forward, cfg, _ = grow
     img = tubes(cut=False)

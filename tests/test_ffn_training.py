@@ -193,6 +193,25 @@ def test_training_decreases_loss_and_resumes_exactly(tmp_path):
     assert resumed.latest_checkpoint().name == "ckpt-000000130"
 
 
+def test_training_reads_volumes_at_the_models_scale(tmp_path):
+    """A model declared at XY scale 2 trains on its volumes downsampled as inference will see them (image means,
+    label picks), and the exported model carries the scale."""
+    from ffn.model import load_config
+    from ffn.train import Trainer
+
+    h5 = _tiny_volume(tmp_path / "tiny.h5")
+    model = {"depth": 2, "features": 8, "fov_size_xyz": [9, 9, 9], "deltas_xyz": [1, 1, 1], "scale_xyz": [2, 2, 1]}
+    trainer = Trainer(_config(tmp_path, h5, model=model, max_steps=4, checkpoint_every=4), log=lambda m: None)
+    assert trainer.images[0].shape == trainer.labels[0].shape == (28, 16, 16)
+    assert set(np.unique(trainer.labels[0]).tolist()) == {1, 2, 3, 4, 5}
+    with h5py.File(h5, "r") as f:
+        raw = f["raw"][:28].astype(np.float32)
+    np.testing.assert_allclose(trainer.images[0], trainer.ffn_config.normalize(
+        raw.reshape(28, 16, 2, 16, 2).mean((2, 4))), atol=1e-5)
+    trainer.run()
+    assert load_config(tmp_path / "model").scale == (1, 2, 2)
+
+
 def test_cli_train_ffn_and_config_errors(tmp_path, capsys):
     import yaml
 

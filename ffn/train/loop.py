@@ -27,6 +27,7 @@ import numpy as np
 
 from ffn.executor import backend_devices, configure_threads
 from ffn.model import FFNConfig, build_model, save_model
+from ffn.scale import downsample_image, downsample_labels
 from ffn.train.augment import augment_patch
 from ffn.train.config import TrainConfig
 from ffn.train.coordinates import BalancedSampler
@@ -62,11 +63,12 @@ class Trainer:
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         masks = []
+        scale = config.ffn_config().scale  # the model sees its volumes at this scale, in training as in inference
         for vol in config.volumes:
             image, labels, mask = load_training_volume(vol)
-            self.images.append(image)
-            self.labels.append(labels)
-            masks.append(mask)
+            self.images.append(downsample_image(image, scale))
+            self.labels.append(downsample_labels(labels, scale))
+            masks.append(None if mask is None else downsample_labels(mask, scale))
         stats = np.concatenate([im.ravel()[:: max(1, im.size // 2_000_000)] for im in self.images]).astype(np.float64)
         self.ffn_config: FFNConfig = config.ffn_config(round(float(stats.mean()), 3), round(float(stats.std()), 3))
         fc = self.ffn_config

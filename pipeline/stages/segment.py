@@ -105,7 +105,8 @@ class BlockSeeds:
 
     def __call__(self, canvas) -> Iterator[tuple[int, int, int]]:
         oz, oy, ox = getattr(canvas, "offset", (0, 0, 0))
-        return iter([(z + oz, y + oy, x + ox) for z, y, x in self.coords])
+        sz, sy, sx = canvas.config.scale  # a model that runs downsampled: its voxel holding each seed, once
+        return iter(dict.fromkeys((z // sz + oz, y // sy + oy, x // sx + ox) for z, y, x in self.coords))
 
 
 def outer_faces(block: Block, bounds) -> tuple[tuple[bool, bool], ...]:
@@ -155,7 +156,7 @@ def segment_block(
     options = dict(inference)
     faces = outer_faces(block, volume.bounds)  # mirror-padded; the other faces have the overlap as context
     if "seed_policy" not in options:
-        margin = tuple(f // 2 for f in config.fov_size)
+        margin = tuple((f // 2) * s for f, s in zip(config.fov_size, config.scale))  # in the volume's voxels
         options["seed_policy"] = block_seeds(volume, block, context=seed_context, reach=seed_reach, margin=margin,
                                              padded=faces)
     local, stats = segment_volume(image, model, config, pad_faces=faces, **options)
