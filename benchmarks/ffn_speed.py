@@ -8,6 +8,10 @@ What it compares, in one run on one machine:
 The reference (google/ffn on this 2-core CPU, fp32, FIB-25 model) ran at 105.7 ms/step and 6,894 voxels/s on a
 synthetic 160^3 volume; its bf16 forward pass took 60 ms.
 
+Under KERAS_BACKEND=jax (a GPU node without TensorFlow) the model calls run on JAX's device (``ffn.executor``)
+and the same-precision peak is JAX's matmul; give ``--fib25-model`` an imported folder there, since importing
+the checkpoint needs TensorFlow (``benchmarks/gpu_node.sh speed`` does both).
+
 Usage: python benchmarks/ffn_speed.py [--size 96] [--batches 1,2,4,8,16] [--precisions float32,bfloat16]
 Last stdout line: JSON with voxels_per_s, ms_per_step, steps, model_gflop_per_s, matmul_gflop_per_s (FIB-25,
 best batch/precision) and small_model {same keys}.
