@@ -105,7 +105,10 @@ def kvstore_spec(location: str, original: str | None = None) -> dict:
         driver = "gcs" if scheme == "gs" else "s3"
         return {"driver": driver, "bucket": bucket, "path": _dir(path)}
     if scheme in ("http", "https"):
-        parts = urlsplit(location)
+        try:
+            parts = urlsplit(location)
+        except ValueError as exc:  # e.g. "http://[": an unclosed IPv6 host
+            raise VolumeError(f"malformed URL {original!r}: {exc}") from None
         if not parts.netloc:
             raise VolumeError(f"no host in {original!r}")
         return {"driver": "http", "base_url": f"{scheme}://{parts.netloc}", "path": _dir(parts.path or "/")}

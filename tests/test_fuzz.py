@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import load_config
@@ -103,7 +103,7 @@ def _build_from_file(path):
 
 url_parts = st.sampled_from(["", "precomputed://", "zarr://", "zarr2://", "zarr3://", "n5://", "foo://",
                              "file://", "memory://", "gs://", "s3://", "http://", "https://", "|zarr3:", "|bogus:",
-                             "/", "..", "bucket/", "x.zarr", "y.n5", ":", "@", "?", "#", " ", "\t"])
+                             "/", "..", "bucket/", "x.zarr", "y.n5", ":", "@", "?", "#", "[", "]", " ", "\t"])
 urls = st.one_of(st.text(max_size=40), st.lists(st.one_of(url_parts, st.text(max_size=6)), max_size=6).map("".join))
 
 
@@ -117,6 +117,7 @@ def parsed_or_none(url: str):
 
 @SETTINGS
 @given(url=urls)
+@example(url="http://[")  # urllib's "Invalid IPv6 URL" ValueError once escaped as itself
 def test_url_parsing_gives_a_spec_or_a_volume_error(url):
     parsed = parsed_or_none(url)
     if parsed is None:
@@ -131,6 +132,7 @@ def test_url_parsing_gives_a_spec_or_a_volume_error(url):
 
 @SETTINGS
 @given(url=urls)
+@example(url="http://[")
 def test_opening_arbitrary_local_urls_raises_only_volume_errors(url):
     """Only local locations are opened (memory:// and paths): remote ones would wait on the network."""
     parsed = parsed_or_none(url)
