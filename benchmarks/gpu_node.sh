@@ -19,6 +19,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl keras==3.15.1 namex optree connected-components-3d fastremap
+# .whl/, runs/ and gpu_out/ are git-ignored: a tool that copies the working tree to the node must be told to take
+# .whl and runs/fib25 along. Time: speed up to SPEED_S (240 s), synapses and ffn up to 480 s each, plus the node's
+# start-up; with a 15-minute device budget run speed with one training stage at most.
 set -euo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
