@@ -50,25 +50,32 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any], cls: type[T], *, s
 
 def read_config_file(path: Path) -> Any:
     """Parse YAML or JSON (by suffix; YAML otherwise, which also reads JSON)."""
+    shown, name = _one_line(str(path)), _one_line(path.name)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        raise ConfigError(f"config file {shown} not found") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+        raise ConfigError(f"config file {shown} cannot be read: {exc}") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
         return yaml.safe_load(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path.name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise ConfigError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path.name}: invalid YAML{where}: {problem}") from None
+        raise ConfigError(f"{name}: invalid YAML{where}: {problem}") from None
     except (RecursionError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{path.name}: cannot parse: {exc}") from None
+        raise ConfigError(f"{name}: cannot parse: {exc}") from None
+
+
+def _one_line(text: str) -> str:
+    """A path as typed, or quoted with escapes when it holds a newline or other unprintable character (an error is
+    one line)."""
+    return text if text.isprintable() else repr(text)
 
 
 def dump_config(obj: Any) -> Any:

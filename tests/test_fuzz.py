@@ -21,7 +21,10 @@ from storage.errors import ConnectomeError
 from storage.urls import parse_url
 from storage.volume import open_volume
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomized: CI must not pass or fail by the luck of the draw. To explore new inputs, run with derandomize=False
+# (two escapes found that way are pinned below as @example).
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
@@ -80,6 +83,7 @@ def test_config_with_one_field_replaced_builds_or_raises_config_error(path, valu
 
 @SETTINGS
 @given(data=values)
+@example(data="\n")  # a string is a path: "config file \n not found" once broke the one-line rule
 def test_arbitrary_config_documents_raise_only_config_errors(data):
     _build(data)
 
