@@ -73,8 +73,9 @@ def backend_matmul_gflops(precision: str, n: int = 4096, reps: int = 3) -> float
         import jax
         import jax.numpy as jnp
 
-        dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
-        hi = jax.lax.Precision.DEFAULT if precision == "bfloat16" else jax.lax.Precision.HIGHEST
+        from ffn.executor import jax_precision
+
+        dtype, hi = jax_precision(precision)
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
         b = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(dtype)
         mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=hi))

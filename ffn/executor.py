@@ -78,21 +78,18 @@ class Forward:
         self.backend = keras.backend.backend()
         if self.backend not in ("tensorflow", "jax"):
             raise ConfigError(f"FFN inference: Keras backend {self.backend!r} is not supported (tensorflow or jax)")
-        self._weights = get_conv_weights(model)
+        make = _tensorflow_forward if self.backend == "tensorflow" else _jax_forward
+        self._for_shape = make(get_conv_weights(model), config.depth, precision)  # weights converted once
         self._fns: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
         self.calls = 0
         self.fovs = 0
         self.seconds = 0.0
 
-    def _build(self, n: int) -> Callable[[np.ndarray], np.ndarray]:
-        build = _tensorflow_forward if self.backend == "tensorflow" else _jax_forward
-        return build(self._weights, self.config.depth, (n, *self.config.fov_size, 2), self.precision)
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         n = int(x.shape[0])
         fn = self._fns.get(n)
         if fn is None:
-            fn = self._fns[n] = self._build(n)
+            fn = self._fns[n] = self._for_shape((n, *self.config.fov_size, 2))
         t = time.perf_counter()
         y = fn(x)
         self.seconds += time.perf_counter() - t
@@ -102,10 +99,21 @@ class Forward:
 
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray]]
+ForShape = Callable[[tuple[int, ...]], Callable[[np.ndarray], np.ndarray]]  # input shape -> compiled forward
 
 
-def _tensorflow_forward(weights: Weights, depth: int, shape: tuple[int, ...], precision: str
-                        ) -> Callable[[np.ndarray], np.ndarray]:
+def jax_precision(precision: str):
+    """(dtype, lax precision) of a JAX computation in ``precision``. float32 means float32: XLA on recent GPUs
+    would otherwise run convolutions and matmuls in TF32 (10-bit mantissa)."""
+    import jax
+    import jax.numpy as jnp
+
+    if precision == "bfloat16":
+        return jnp.bfloat16, jax.lax.Precision.DEFAULT
+    return jnp.float32, jax.lax.Precision.HIGHEST
+
+
+def _tensorflow_forward(weights: Weights, depth: int, precision: str) -> ForShape:
     import tensorflow as tf
 
     dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
@@ -123,8 +131,7 @@ def _tensorflow_forward(weights: Weights, depth: int, shape: tuple[int, ...], pr
         # bit for bit, and no slower.
         return tf.maximum(x, tf.zeros((), x.dtype))
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)], jit_compile=False, reduce_retracing=False)
-    def fn(inp):
+    def forward(inp):
         x = tf.cast(inp, dtype)
         x = conv(conv(x, "conv0_a", True), "conv0_b", False)
         for i in range(1, depth):
@@ -132,17 +139,19 @@ def _tensorflow_forward(weights: Weights, depth: int, shape: tuple[int, ...], pr
         update = conv(residual_relu(x), "conv_lom", False)
         return inp[..., 1] + tf.cast(update[..., 0], tf.float32)
 
-    return lambda x: fn(x).numpy()
+    def for_shape(shape):
+        fn = tf.function(forward, input_signature=[tf.TensorSpec(shape, tf.float32)], jit_compile=False,
+                         reduce_retracing=False)
+        return lambda x: fn(x).numpy()
+
+    return for_shape
 
 
-def _jax_forward(weights: Weights, depth: int, shape: tuple[int, ...], precision: str
-                 ) -> Callable[[np.ndarray], np.ndarray]:
+def _jax_forward(weights: Weights, depth: int, precision: str) -> ForShape:
     import jax
     import jax.numpy as jnp
 
-    dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
-    # float32 means float32: XLA on recent GPUs would otherwise run the convolutions in TF32 (10-bit mantissa)
-    conv_precision = jax.lax.Precision.DEFAULT if precision == "bfloat16" else jax.lax.Precision.HIGHEST
+    dtype, conv_precision = jax_precision(precision)
     w = {name: (jnp.asarray(k, dtype), jnp.asarray(b, dtype)) for name, (k, b) in weights.items()}
 
     def conv(x, name, relu):
@@ -160,12 +169,15 @@ def _jax_forward(weights: Weights, depth: int, shape: tuple[int, ...], precision
         update = conv(jnp.maximum(x, 0), "conv_lom", False)
         return inp[..., 1] + update[..., 0].astype(jnp.float32)
 
-    def call(x: np.ndarray) -> np.ndarray:
-        if x.shape != shape:
-            raise ConfigError(f"FFN forward pass built for input {shape}, got {x.shape}")
-        return np.asarray(fn(x))
+    def for_shape(shape):  # one jitted function serves every batch size (XLA compiles each shape once)
+        def call(x: np.ndarray) -> np.ndarray:
+            if x.shape != shape:
+                raise ConfigError(f"FFN forward pass built for input {shape}, got {x.shape}")
+            return np.asarray(fn(x))
 
-    return call
+        return call
+
+    return for_shape
 
 
 def run_canvases(canvases: Sequence[Canvas], forward: ForwardFn, batch_size: int = 1,

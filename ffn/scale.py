@@ -18,8 +18,6 @@ from typing import Sequence
 
 import numpy as np
 
-Scale = tuple[int, int, int]
-
 
 def is_identity(scale: Sequence[int]) -> bool:
     return all(int(s) == 1 for s in scale)
