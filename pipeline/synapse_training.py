@@ -170,29 +170,27 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
           batch_size: int = 4, patch_shape: tuple[int, int, int] = (24, 64, 64), learning_rate: float = 1e-3,
           cleft_pos_weight: float = 8.0, checkpoint_every: int = 250, seed: int = 0, log_every: int = 25,
           final_lr_fraction: float = 1.0, positive_sampling: str = "voxel", max_wall_s: float | None = None,
-          init_from: str | None = None) -> Path:
+          init_from: str | None = None, ema_momentum: float | None = None) -> Path:
     """Adam on weighted sigmoid cross-entropy; checkpoints (and resumes) in out_dir/checkpoint.
 
     The learning rate follows a cosine from `learning_rate` at step 0 to `final_lr_fraction` of it at `steps`
     (1.0 = constant); it is a function of the step, so a resumed run continues the same schedule. `max_wall_s`
     stops the run early (checkpoint and exported model as at its last step) so it ends inside a job's time limit;
     started again, it resumes where it stopped. `init_from` (a packaged model's name or a model folder of the same
-    architecture) warm-starts a run that has no checkpoint yet; Adam starts afresh.
+    architecture) warm-starts a run that has no checkpoint yet; Adam starts afresh. `ema_momentum` m keeps an
+    exponential moving average of the weights (Keras's optimizer EMA, a window of ~1 / (1 - m) steps, stored in
+    the checkpoint) and exports it instead of the last step's weights.
 
     The step is Keras's own (`compile` + `train_on_batch`), so it is not tied to TensorFlow: `KERAS_BACKEND=jax`
     trains on a GPU node whose stack is JAX and has no TensorFlow (tested; PyTorch should work the same way but is
     not tested). `backend_step_options()` says which compiler each backend uses."""
-    import keras
-
     from pipeline.synapse_model import normalize
 
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoint"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(config)
-    optimizer = keras.optimizers.Adam(learning_rate, clipnorm=1.0)
-    model.compile(optimizer=optimizer, loss=weighted_cleft_loss((cleft_pos_weight, 2.0, 2.0)),
-                  **backend_step_options())
+    model = compiled_model(config, learning_rate, cleft_pos_weight, ema_momentum)
+    optimizer = model.optimizer
     state_file = ckpt_dir / "state.json"
     start_step = 0
     if state_file.exists():
@@ -244,7 +242,21 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
                 state_file.write_text(json.dumps({"step": step + 1}))
             if out_of_time:
                 break
+    optimizer.finalize_variable_values(model.trainable_variables)  # the moving average, when there is one
     return save_model(model, config, out_dir / "model")
+
+
+def compiled_model(config: SynapseModelConfig, learning_rate: float, cleft_pos_weight: float,
+                   ema_momentum: float | None = None):
+    """The detector compiled for training (Adam, clipped, the weighted cleft loss); its checkpoints load into
+    this."""
+    import keras
+
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
+    model = build_model(config)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0, **ema),
+                  loss=weighted_cleft_loss((cleft_pos_weight, 2.0, 2.0)), **backend_step_options())
+    return model
 
 
 # ---- data sources -------------------------------------------------------------------------------------------------
@@ -329,7 +341,10 @@ def parse_training_config(config: str | os.PathLike | dict, *, max_steps: int | 
                         seed=int(config.get("seed", 0)),
                         positive_sampling=str(config.get("positive_sampling", "voxel")),
                         max_wall_s=float(config["max_wall_s"]) if config.get("max_wall_s") is not None else None,
-                        init_from=str(config["init_from"]) if config.get("init_from") else None)
+                        init_from=str(config["init_from"]) if config.get("init_from") else None,
+                        ema_momentum=float(config["ema_momentum"]) if config.get("ema_momentum") else None)
+        if settings["ema_momentum"] is not None and not 0.0 < settings["ema_momentum"] < 1.0:
+            raise ConfigError(f"{where}: ema_momentum must be in (0, 1), got {settings['ema_momentum']}")
         if settings["positive_sampling"] not in POSITIVE_SAMPLING:
             raise ConfigError(f"{where}: positive_sampling must be one of {POSITIVE_SAMPLING}, "
                               f"got {settings['positive_sampling']!r}")
@@ -367,7 +382,7 @@ def train_from_config(config: str | os.PathLike | dict, *, max_steps: int | None
     "shape_zyx"}} | {"isbi": {"folder", "first", "stop"}}]}; a data entry may carry "weight" (relative
     patch-sampling frequency); "positive_sampling" is "voxel" (default) or "synapse" (see the module docstring);
     "max_wall_s" ends training early (see `train`), counted from the first step, not from volume generation;
-    "init_from" warm-starts from a model (see `train`).
+    "init_from" warm-starts from a model and "ema_momentum" exports the weights' moving average (see `train`).
     ``max_steps`` / ``output_dir`` override "steps" / "out". Training volumes are made in parallel processes
     (spawned, so no TensorFlow state is forked)."""
     model_config, settings, sources, out = parse_training_config(config, max_steps=max_steps, output_dir=output_dir)

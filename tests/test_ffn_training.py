@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -193,6 +194,44 @@ def test_training_decreases_loss_and_resumes_exactly(tmp_path):
     assert resumed.latest_checkpoint().name == "ckpt-000000130"
 
 
+def check_exported_weights_are_the_moving_average(tmp: Path) -> None:
+    """With ema_momentum m the export holds avg_1 = w_1, avg_t = m avg_(t-1) + (1 - m) w_t over the training
+    weights w_t after each step; the model keeps training on w_t; a checkpoint carries the average into a resume.
+    Shared by the TensorFlow test and the JAX-backend script."""
+    from ffn.model import load_model
+    from ffn.train import Trainer
+
+    h5 = _tiny_volume(tmp / "tiny.h5")
+    cfg = _config(tmp, h5, output_dir=str(tmp / "ema_run"), export_dir=None, ema_momentum=0.5)
+    trainer = Trainer(cfg, log=lambda s: None)
+    average = None
+    for _ in range(5):
+        x, y = trainer.next_batch()
+        trainer.write_back(trainer._train_step(x, y)[1])
+        trainer.step += 1
+        trainer._train_step.sync()
+        w = [np.asarray(v) for v in trainer.model.get_weights()]
+        average = w if average is None else [0.5 * a + 0.5 * b for a, b in zip(average, w)]
+    trainer.export(tmp / "ema_model")
+    exported, fc = load_model(tmp / "ema_model")
+    assert fc.metadata["training"]["weights"] == "ema 0.5"
+    for got, want in zip(exported.get_weights(), average):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(trainer.model.get_weights(), w):  # training goes on from the last step's weights
+        np.testing.assert_array_equal(got, want)
+    assert not all(np.allclose(a, b) for a, b in zip(average, w))
+    trainer.save()
+    resumed = Trainer(cfg, log=lambda s: None)
+    assert resumed.restore() and resumed.step == 5
+    resumed.export(tmp / "ema_resumed")
+    for got, want in zip(load_model(tmp / "ema_resumed")[0].get_weights(), average):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_exported_weights_are_the_moving_average(tmp_path):
+    check_exported_weights_are_the_moving_average(tmp_path)
+
+
 def test_training_reads_volumes_at_the_models_scale(tmp_path):
     """A model declared at XY scale 2 trains on its volumes downsampled as inference will see them (image means,
     label picks), and the exported model carries the scale."""
@@ -273,13 +312,16 @@ x = np.random.default_rng(1).normal(size=(1, 9, 9, 9, 2)).astype(np.float32)
 np.save(tmp / "logits.npy", np.asarray(resumed.model.predict_on_batch(x)))
 rows = list(csv.DictReader(open(tmp / "run" / "scalars.csv")))
 losses = [float(r["loss"]) for r in rows]
+from test_ffn_training import check_exported_weights_are_the_moving_average
+check_exported_weights_are_the_moving_average(tmp)
 print(json.dumps({"backend": keras.backend.backend(), "losses": losses, "lr_120": float(rows[5]["learning_rate"]), "iterations_at_resume": iterations, "step": resumed.step}))
 """
 
 
 def test_training_runs_under_the_jax_backend_without_tensorflow(tmp_path):
     """On a GPU node whose stack is JAX and has no TensorFlow, KERAS_BACKEND=jax trains, checkpoints and resumes
-    (Adam's state included); the exported model loads under TensorFlow and computes the same logits."""
+    (Adam's state included); the exported model loads under TensorFlow and computes the same logits; the weights'
+    moving average is kept and exported as under TensorFlow."""
     import json
 
     from backend_fixtures import run_under_jax_without_tensorflow

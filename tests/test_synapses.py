@@ -165,6 +165,28 @@ def test_training_stops_at_max_wall_s_and_resumes(tmp_path):
     assert pd.read_csv(tmp_path / "t" / "train_log.csv")["step"].tolist() == [1, 2, 3]
 
 
+def test_training_exports_the_moving_average_of_the_weights(tmp_path):
+    """With ema_momentum m the exported detector holds avg_1 = w_1, avg_t = m avg_(t-1) + (1 - m) w_t over the
+    weights w_t the run trains on (read from its checkpoint after each step); a resumed run continues the average."""
+    from pipeline.synapse_model import load_model
+    from pipeline.synapse_training import compiled_model
+
+    _, vol, config = tiny_training_set()
+    kw = dict(batch_size=2, patch_shape=(5, 16, 16), checkpoint_every=1, log_every=1, learning_rate=0.01,
+              ema_momentum=0.5)
+    average = None
+    for steps in (1, 2, 3):  # one step per call: each resumes from the last checkpoint
+        out = train([vol], config, tmp_path / "t", steps=steps, **kw)
+        trained = compiled_model(config, 0.01, 8.0, 0.5)
+        trained.optimizer.build(trained.trainable_variables)
+        trained.load_weights(tmp_path / "t" / "checkpoint" / "model.weights.h5")
+        w = trained.get_weights()
+        average = w if average is None else [0.5 * a + 0.5 * b for a, b in zip(average, w)]
+        for got, want in zip(load_model(out)[0].get_weights(), average):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(average, w))
+
+
 JAX_TRAINING = """
 import json, sys
 import numpy as np
@@ -173,7 +195,8 @@ import keras
 from pipeline.synapse_model import load_model, predict
 from pipeline.synapse_training import train
 image, vol, config = tiny_training_set()
-out = train([vol], config, sys.argv[1], steps=4, batch_size=2, patch_shape=(5, 16, 16), log_every=1)
+out = train([vol], config, sys.argv[1], steps=4, batch_size=2, patch_shape=(5, 16, 16), log_every=1,
+            ema_momentum=0.9)
 model, _ = load_model(out)
 np.save(sys.argv[1] + "/probs.npy", predict(model, config, image))
 print(json.dumps({"backend": keras.backend.backend()}))
@@ -182,7 +205,7 @@ print(json.dumps({"backend": keras.backend.backend()}))
 
 def test_training_runs_under_the_jax_backend_without_tensorflow(tmp_path):
     """GPU nodes whose stack is JAX (or PyTorch) and no TensorFlow train the detector with KERAS_BACKEND=jax; the
-    weights it writes load under TensorFlow and give the same maps."""
+    weights it writes (here the moving average) load under TensorFlow and give the same maps."""
     from backend_fixtures import run_under_jax_without_tensorflow
     from pipeline.synapse_model import load_model, predict
 

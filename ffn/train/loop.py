@@ -9,7 +9,8 @@ Checkpoints (``output_dir/checkpoints/ckpt-<step>/``: weights, optimizer slots, 
 every ``checkpoint_every`` steps and at the end; a new run with the same ``output_dir`` resumes from the latest
 one. Scalars go to ``output_dir/scalars.csv``. When ``export_dir`` is set, a model folder (``config.json`` +
 weights, loadable with ``ffn.model.load_model``) is refreshed at every checkpoint, so a usable model exists
-from the first checkpoint on.
+from the first checkpoint on. With ``ema_momentum`` the export holds the moving average of the weights (the
+checkpoint keeps both the training weights and the average, so a resumed run continues both).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -90,11 +92,13 @@ class Trainer:
         lr = opt.learning_rate
         if opt.decay_steps:
             lr = keras.optimizers.schedules.ExponentialDecay(lr, opt.decay_steps, opt.decay_rate)
-        clip = {"clipvalue": config.clip_gradient_value} if config.clip_gradient_value else {}
+        options = {"clipvalue": config.clip_gradient_value} if config.clip_gradient_value else {}
+        if config.ema_momentum:
+            options.update(use_ema=True, ema_momentum=config.ema_momentum)
         if opt.name == "sgd":
-            self.optimizer = keras.optimizers.SGD(lr, momentum=opt.momentum, **clip)
+            self.optimizer = keras.optimizers.SGD(lr, momentum=opt.momentum, **options)
         else:
-            self.optimizer = keras.optimizers.Adam(lr, **clip)
+            self.optimizer = keras.optimizers.Adam(lr, **options)
         self.optimizer.build(self.model.trainable_variables)
         self.step = 0
         self.examples = 0
@@ -221,10 +225,29 @@ class Trainer:
         meta["training"] = {"steps": self.step, "examples": self.examples, "batch_size": self.config.batch_size,
                             "wall_s": round(self.elapsed_s, 1), "scalars": self.last_scalars,
                             "volumes": [str(v.name or v.image) for v in self.config.volumes],
-                            "init_from": self.config.init_from}
+                            "init_from": self.config.init_from,
+                            "weights": f"ema {self.config.ema_momentum}" if self.config.ema_momentum else "last step"}
         cfg = FFNConfig.from_json_dict({**self.ffn_config.to_json_dict(), "metadata": meta})
         self._train_step.sync()
-        return save_model(self.model, cfg, directory)
+        with self.averaged_weights():
+            return save_model(self.model, cfg, directory)
+
+    @contextmanager
+    def averaged_weights(self):
+        """Inside: the model holds the moving average of its weights (when ``ema_momentum`` is set); after: the
+        training weights again. Call ``self._train_step.sync()`` first."""
+        if not self.config.ema_momentum:
+            yield
+            return
+        from keras import ops
+
+        training = [ops.convert_to_numpy(v.value).copy() for v in self.model.trainable_variables]
+        self.optimizer.finalize_variable_values(self.model.trainable_variables)
+        try:
+            yield
+        finally:
+            for var, value in zip(self.model.trainable_variables, training):
+                var.assign(value)
 
     def restore(self, path: Path | None = None) -> bool:
         """Load the latest (or given) checkpoint; False when there is none."""
@@ -241,7 +264,8 @@ class Trainer:
         with np.load(path / "optimizer.npz") as z:
             arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
         if len(arrays) != len(self.optimizer.variables):
-            raise ConnectomeError(f"checkpoint {path}: optimizer state does not match the configured optimizer")
+            raise ConnectomeError(f"checkpoint {path}: optimizer state does not match the configured optimizer "
+                                  f"(optimizer or ema_momentum changed? continue in a new output_dir with init_from)")
         for var, value in zip(self.optimizer.variables, arrays):
             var.assign(value)
         self.step, self.examples = int(state["step"]), int(state["examples"])
