@@ -280,6 +280,10 @@ def test_cli_train_ffn_and_config_errors(tmp_path, capsys):
     assert (tmp_path / "cli_run" / "checkpoints" / "ckpt-000000003" / "state.json").is_file()
     assert "2 volume(s)" in capsys.readouterr().out
     assert len(list((tmp_path / "cli_run").glob("partitions-*.npy"))) == 2
+    bad = dict(cfg, ema_momentum=1.0)
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["train", "ffn", str(path)]) == 2
+    assert "ema_momentum has an invalid value 1.0" in capsys.readouterr().err
     bad = dict(cfg, optimizer={"name": "adamw"})
     path.write_text(yaml.safe_dump(bad))
     assert main(["train", "ffn", str(path)]) == 2

@@ -310,6 +310,8 @@ def test_train_from_config_unet_with_widened_clefts(tmp_path):
     for field, bad in (("steps", "many"), ("patch_shape_zyx", [4, "x", 16])):
         with pytest.raises(ConfigError, match="bad value"):
             train_from_config({**config, field: bad, "out": str(tmp_path / "bad")})
+    with pytest.raises(ConfigError, match=r"ema_momentum must be in \(0, 1\), got 1.5"):
+        train_from_config({**config, "ema_momentum": 1.5, "out": str(tmp_path / "bad")})
     with pytest.raises(ConfigError, match="positive_sampling.*'cleft'"):
         train_from_config({**config, "positive_sampling": "cleft", "out": str(tmp_path / "bad")})
     with pytest.raises(ConfigError, match=r"data\[1\] isbi folder .*nowhere has no raw/"):
