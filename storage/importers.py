@@ -63,6 +63,11 @@ def open_source(src: str) -> Source:
     raise VolumeError(f"cannot import {src}: expected file.h5:dataset, .npy, .tif or a directory/glob of sections")
 
 
+def is_array_file(src: str) -> bool:
+    """`file.h5[:dataset]`, `.npy` or `.tif(f)`: one array in one file, read whole (no chunked volume behind it)."""
+    return _split_h5(src) is not None or src.lower().endswith((".npy", ".tif", ".tiff"))
+
+
 def _natural_key(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
 

@@ -44,6 +44,15 @@ def test_import_h5_to_zarr3_and_info(tmp_path, capsys):
     assert info["voxel_size_nm"] == [8.0, 8.0, 40.0] and info["chunk_xyz"] == [8, 8, 4]
     assert info["write_chunk_xyz"] == [16, 16, 8] and info["sharded"] is True
     assert "12 x 10 x 6 voxels (xyz)" in text and "8 x 8 x 40 nm" in text
+    # the HDF5 file itself: shape and dtype, and how to make it a volume
+    assert main(["info", f"{tmp_path}/in.h5:volumes/labels"]) == 0
+    text = capsys.readouterr().out
+    assert json.loads(text.strip().splitlines()[-1]) == {"url": f"{tmp_path}/in.h5:volumes/labels",
+                                                         "format": "array file", "shape_xyz": [12, 10, 6],
+                                                         "dtype": "uint64"}
+    assert "connectome import" in text
+    assert main(["info", f"{tmp_path}/in.h5:nope"]) == 2
+    assert "has no dataset 'nope'" in capsys.readouterr().err
 
 
 def test_import_png_directory_to_precomputed(tmp_path, capsys):

@@ -9,7 +9,7 @@ HELP = "score a segmentation against ground truth: VOI split/merge (bits), ARAND
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("seg", metavar="SEG", help="segmentation: volume URL/path, file.h5:dataset or .npy (ZYX)")
+    parser.add_argument("seg", metavar="SEG", help="segmentation: volume URL/path, file.h5:dataset, .npy or .tif (ZYX)")
     parser.add_argument("gt", metavar="GT", help="ground truth, same forms; id 0 is ignored")
     parser.add_argument("--box", nargs=6, type=int, default=None, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
                         help="evaluate only this box (voxels, XYZ start then stop)")
@@ -20,11 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_labels(src: str, box=None):
-    """A ZYX array and its voxel size (XYZ nm or None) from a volume URL/path, file.h5:dataset or .npy."""
-    from storage.importers import H5_SUFFIXES, open_source
+    """A ZYX array and its voxel size (XYZ nm or None) from a volume URL/path, file.h5:dataset, .npy or .tif."""
+    from storage.importers import is_array_file, open_source
 
-    lower = src.lower()
-    if ":" in src and src.rpartition(":")[0].lower().endswith(H5_SUFFIXES) or lower.endswith(H5_SUFFIXES + (".npy",)):
+    if is_array_file(src):
         source = open_source(src)
         try:
             arr = source.read_slab(0, source.shape[0])

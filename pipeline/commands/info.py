@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "Print shape, dtype, voxel size, chunking and scales of a volume (zarr, zarr3, n5, precomputed; any URL)."
+HELP = ("Print shape, dtype, voxel size, chunking and scales of a volume (zarr, zarr3, n5, precomputed; any URL); "
+        "for file.h5:dataset, .npy or .tif, its shape and dtype.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +32,29 @@ def info_dict(vol) -> dict:
     }
 
 
+def array_file_info(src: str) -> dict:
+    """Shape and dtype of an array file (`connectome import` turns it into a chunked volume); it carries no voxel
+    size or chunking the pipeline would use."""
+    from storage.importers import open_source
+
+    source = open_source(src)
+    source.close()
+    return {"url": source.name, "format": "array file", "shape_xyz": list(reversed(source.shape)),
+            "dtype": str(source.dtype)}
+
+
 def run(args: argparse.Namespace) -> int:
+    from storage.importers import is_array_file
     from storage.volume import open_volume
 
+    if is_array_file(args.url):
+        d = array_file_info(args.url)
+        print(f"url:          {d['url']}")
+        print(f"shape:        {' x '.join(map(str, d['shape_xyz']))} voxels (xyz)")
+        print(f"dtype:        {d['dtype']}")
+        print("an array file: `connectome import SRC DST --voxel-size X Y Z` writes it as a chunked volume")
+        print(json.dumps(d))
+        return 0
     d = info_dict(open_volume(args.url, scale=args.scale))
     fmt = lambda v: " x ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)  # noqa: E731
     print(f"url:          {d['url']}")
