@@ -165,12 +165,7 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
     from pipeline.runner import run_blockwise
 
     config.validate()
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    (work / "segment").mkdir(parents=True, exist_ok=True)
-    ledgers = work / "ledgers"
-
+    # input and model are checked before anything is written, so a bad one leaves no output folder behind
     source = open_volume(config.input, fill_missing=config.fill_missing)
     if config.fill_missing:  # say so: a gap in the input becomes background instead of an error
         print(f"[segment] fill_missing is on: missing chunks of {source.name} are read as zeros", file=sys.stderr,
@@ -179,6 +174,11 @@ def run_segmentation(config: SegmentConfig, client, *, progress: bool = True) ->
         raise ConfigError(f"segment: input {config.input} has dtype {source.dtype}; FFN models take uint8 EM")
     model_dir = str(resolve_model(config.model))
     _, ffn_config = load_model(model_dir)
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    (work / "segment").mkdir(parents=True, exist_ok=True)
+    ledgers = work / "ledgers"
     rule = rule_for_model(ffn_config.metadata, where=str(Path(model_dir) / "config.json"))
     agglomerate = rule.enabled if config.agglomerate is None else config.agglomerate
     agg_params = rule.params if config.agglomeration is None else config.agglomeration

@@ -187,7 +187,12 @@ def _resolve(fmt: str | None, kvstore: dict, level: int, auto_zarr: bool, name: 
     if fmt is None or auto_zarr:
         detected = detect_format(kvstore, auto_zarr=auto_zarr)
         if detected is None:
+            from storage.importers import is_array_file  # importers builds on this module
+
             what = "zarr volume" if auto_zarr else "volume"
+            if is_array_file(name):
+                raise VolumeError(f"no {what} at {name}: an array file, not a chunked volume (`connectome import "
+                                  f"{name} DST --voxel-size X Y Z` converts it)")
             raise VolumeError(f"no {what} at {name} (missing path or no zarr.json/.zarray/info/attributes.json)")
         fmt = detected
     found = _levels_of(fmt, kvstore)

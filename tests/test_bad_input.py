@@ -117,6 +117,20 @@ def test_wrong_dtype_names_input_and_dtype(inputs, tmp_path):
     nothing_finished(out)
 
 
+def test_missing_or_array_file_input_leaves_no_output(inputs, tmp_path):
+    """`segment --input` that is not a chunked volume: one line naming it (for an HDF5 file, how to import it),
+    and no output folder."""
+    import h5py
+
+    one_error(cli("segment", "--input", tmp_path / "nope.zarr", "--output", tmp_path / "out1", "--model",
+                  inputs["ffn"]), "no volume at", "nope.zarr")
+    with h5py.File(tmp_path / "em.h5", "w") as f:
+        f["raw"] = np.zeros((4, 8, 8), np.uint8)
+    one_error(cli("segment", "--input", f"{tmp_path}/em.h5:raw", "--output", tmp_path / "out2", "--model",
+                  inputs["ffn"]), "em.h5:raw", "an array file", "connectome import")
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
 def test_wrong_voxel_size_is_refused_before_anything_is_written(tmp_path):
     one_error(cli("synth", tmp_path / "synth", "--shape", "8", "32", "32", "--voxel-size", "0", "8", "40",
                   "--workers", "1"), "voxel")
