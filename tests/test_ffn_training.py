@@ -288,10 +288,12 @@ def test_cli_train_ffn_and_config_errors(tmp_path, capsys):
     path.write_text(yaml.safe_dump(bad))
     assert main(["train", "ffn", str(path)]) == 2
     assert "optimizer.name" in capsys.readouterr().err
-    bad = dict(cfg, volumes=[{"image": str(tmp_path / "missing.h5:raw"), "labels": f"{h5}:gt"}])
+    bad = dict(cfg, volumes=[{"image": str(tmp_path / "missing.h5:raw"), "labels": f"{h5}:gt"}],
+               output_dir=str(tmp_path / "never"))
     path.write_text(yaml.safe_dump(bad))
     assert main(["train", "ffn", str(path)]) == 2
     assert "missing.h5" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 JAX_TRAINING = """

@@ -61,7 +61,6 @@ class Trainer:
         self.config = config
         self.log = log
         self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         masks = []
@@ -71,6 +70,7 @@ class Trainer:
             self.images.append(downsample_image(image, scale))
             self.labels.append(downsample_labels(labels, scale))
             masks.append(None if mask is None else downsample_labels(mask, scale))
+        self.out.mkdir(parents=True, exist_ok=True)  # after the volumes load: a bad one leaves no run folder
         stats = np.concatenate([im.ravel()[:: max(1, im.size // 2_000_000)] for im in self.images]).astype(np.float64)
         self.ffn_config: FFNConfig = config.ffn_config(round(float(stats.mean()), 3), round(float(stats.std()), 3))
         fc = self.ffn_config
