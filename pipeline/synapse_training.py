@@ -242,7 +242,8 @@ def train(volumes: list[TrainingVolume], config: SynapseModelConfig, out_dir: st
                 state_file.write_text(json.dumps({"step": step + 1}))
             if out_of_time:
                 break
-    optimizer.finalize_variable_values(model.trainable_variables)  # the moving average, when there is one
+    if int(np.asarray(optimizer.iterations.value)) > 0:  # an average exists only once this optimizer has stepped
+        optimizer.finalize_variable_values(model.trainable_variables)  # (a no-op without ema_momentum)
     return save_model(model, config, out_dir / "model")
 
 
