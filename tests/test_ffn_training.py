@@ -204,6 +204,9 @@ def check_exported_weights_are_the_moving_average(tmp: Path) -> None:
     h5 = _tiny_volume(tmp / "tiny.h5")
     cfg = _config(tmp, h5, output_dir=str(tmp / "ema_run"), export_dir=None, ema_momentum=0.5)
     trainer = Trainer(cfg, log=lambda s: None)
+    trainer.export(tmp / "ema_step0")  # before any step there is no average: the export is the initial weights
+    for got, want in zip(load_model(tmp / "ema_step0")[0].get_weights(), trainer.model.get_weights()):
+        np.testing.assert_array_equal(got, want)
     average = None
     for _ in range(5):
         x, y = trainer.next_batch()

@@ -236,10 +236,11 @@ class Trainer:
     def averaged_weights(self):
         """Inside: the model holds the moving average of its weights (when ``ema_momentum`` is set); after: the
         training weights again. Call ``self._train_step.sync()`` first."""
-        if not self.config.ema_momentum:
-            yield
-            return
         from keras import ops
+
+        if not self.config.ema_momentum or int(ops.convert_to_numpy(self.optimizer.iterations)) == 0:
+            yield  # no average yet before the first step (it would be the zeros it starts as)
+            return
 
         training = [ops.convert_to_numpy(v.value).copy() for v in self.model.trainable_variables]
         self.optimizer.finalize_variable_values(self.model.trainable_variables)
